@@ -1,0 +1,2 @@
+//! skiff control plane.
+pub mod storage;

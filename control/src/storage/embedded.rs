@@ -1,0 +1,1 @@
+//! Embedded backend (redb). Filled in by the storage work.

@@ -1,0 +1,1 @@
+//! etcd backend. Filled in by the storage work.
