@@ -1,2 +1,3 @@
 //! skiff control plane.
+pub mod apiserver;
 pub mod storage;

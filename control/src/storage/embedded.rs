@@ -1,1 +1,441 @@
-//! Embedded backend (redb). Filled in by the storage work.
+//! Embedded backend: one redb file.
+//!
+//! Where the data lives: table `kv` maps a key to `(value, create_revision, mod_revision)`;
+//! table `meta` holds the global revision under `"revision"`. Every write runs in one redb
+//! write transaction that updates the key *and* the revision and commits durably
+//! (`Durability::Immediate`), so an acknowledged write survives a crash or restart.
+//!
+//! Revisions follow etcd: an empty store is at revision 1 and the first write gets 2.
+//! Every write (create, update, delete) bumps the revision by exactly one.
+//!
+//! Watch: a bounded in-memory history of the latest events (default 10 000) plus a tokio
+//! broadcast channel for live events. Writers append to the history and broadcast while
+//! holding the hub lock; a watcher snapshots the history and subscribes under the same lock,
+//! so replay + live has neither gaps nor duplicates. The history is not persisted: after a
+//! restart only watches from the current revision (or later) can be served, older ones get
+//! `Compacted` and the client relists. A watcher that falls behind the broadcast buffer also
+//! gets `Compacted` (never silently dropped events).
+
+use std::collections::VecDeque;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::broadcast;
+
+use super::{
+    EventKind, KeyValue, ListResult, Result, Revision, StorageError, Store, WatchEvent, WatchStream,
+};
+
+const KV: TableDefinition<&str, (&[u8], i64, i64)> = TableDefinition::new("kv");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+const REVISION_KEY: &str = "revision";
+
+/// Revision of a store that was never written (etcd semantics).
+const EMPTY_REVISION: Revision = 1;
+/// Default number of events kept in memory for watch replay.
+pub const DEFAULT_HISTORY: usize = 10_000;
+/// Live events buffered per watcher before it is considered lagging.
+const BROADCAST_CAPACITY: usize = 4096;
+
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    /// Serialises writers from `begin_write` to the broadcast, so history order ==
+    /// revision order. Watchers never take it (they must not wait for an fsync).
+    writer: Mutex<()>,
+    hub: Mutex<Hub>,
+    /// Smallest `after` a watch can start from (shared with watch streams for errors).
+    floor: Arc<AtomicI64>,
+}
+
+/// Event history and live fan-out. A writer takes this lock (inside `writer`) only to
+/// publish a committed event; a watcher takes it to snapshot the history and subscribe.
+struct Hub {
+    history: VecDeque<WatchEvent>,
+    capacity: usize,
+    tx: broadcast::Sender<WatchEvent>,
+}
+
+enum Op {
+    Create(Vec<u8>),
+    Update(Vec<u8>, Option<Revision>),
+    Delete(Option<Revision>),
+}
+
+fn internal(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Internal(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file at `path` with the default watch history.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_history(path, DEFAULT_HISTORY)
+    }
+
+    /// Like `open` with `history_len` events retained for watch replay (tests use small ones).
+    pub fn open_with_history(path: &Path, history_len: usize) -> Result<Self> {
+        let db = Database::create(path).map_err(internal)?;
+        // Make sure both tables and the revision exist, so readers never see them missing.
+        let txn = db.begin_write().map_err(internal)?;
+        let revision = {
+            txn.open_table(KV).map_err(internal)?;
+            let mut meta = txn.open_table(META).map_err(internal)?;
+            let current = meta.get(REVISION_KEY).map_err(internal)?.map(|v| v.value());
+            match current {
+                Some(r) => r,
+                None => {
+                    meta.insert(REVISION_KEY, EMPTY_REVISION)
+                        .map_err(internal)?;
+                    EMPTY_REVISION
+                }
+            }
+        };
+        txn.commit().map_err(internal)?;
+        // A fresh store has no missing history; a reopened one lost its in-memory events.
+        let floor = if revision == EMPTY_REVISION {
+            0
+        } else {
+            revision
+        };
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                writer: Mutex::new(()),
+                hub: Mutex::new(Hub {
+                    history: VecDeque::with_capacity(history_len.min(DEFAULT_HISTORY)),
+                    capacity: history_len.max(1),
+                    tx,
+                }),
+                floor: Arc::new(AtomicI64::new(floor)),
+            }),
+        })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(internal)?
+    }
+
+    async fn write(&self, key: &str, op: Op) -> Result<(Revision, Option<KeyValue>)> {
+        let key = key.to_owned();
+        self.blocking(move |inner| inner.write(&key, op)).await
+    }
+}
+
+impl Inner {
+    fn hub(&self) -> MutexGuard<'_, Hub> {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one write. Returns the new revision and the previous value (if any).
+    fn write(&self, key: &str, op: Op) -> Result<(Revision, Option<KeyValue>)> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut txn = self.db.begin_write().map_err(internal)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(internal)?;
+        let (revision, prev, event) = {
+            let mut kv = txn.open_table(KV).map_err(internal)?;
+            let mut meta = txn.open_table(META).map_err(internal)?;
+            let current = meta
+                .get(REVISION_KEY)
+                .map_err(internal)?
+                .map(|v| v.value())
+                .unwrap_or(EMPTY_REVISION);
+            let prev = kv.get(key).map_err(internal)?.map(|v| {
+                let (value, create_revision, mod_revision) = v.value();
+                KeyValue {
+                    key: key.to_owned(),
+                    value: value.to_vec(),
+                    create_revision,
+                    mod_revision,
+                }
+            });
+            let check = |expected: Option<Revision>| -> Result<&KeyValue> {
+                let Some(prev) = prev.as_ref() else {
+                    return Err(StorageError::NotFound(key.to_owned()));
+                };
+                match expected {
+                    Some(expected) if expected != prev.mod_revision => {
+                        Err(StorageError::Conflict {
+                            key: key.to_owned(),
+                            expected,
+                            actual: prev.mod_revision,
+                        })
+                    }
+                    _ => Ok(prev),
+                }
+            };
+            let revision = current + 1;
+            let event = match op {
+                Op::Create(value) => {
+                    if prev.is_some() {
+                        return Err(StorageError::AlreadyExists(key.to_owned()));
+                    }
+                    kv.insert(key, (value.as_slice(), revision, revision))
+                        .map_err(internal)?;
+                    WatchEvent {
+                        kind: EventKind::Added,
+                        key: key.to_owned(),
+                        value,
+                        revision,
+                    }
+                }
+                Op::Update(value, expected) => {
+                    let create_revision = check(expected)?.create_revision;
+                    kv.insert(key, (value.as_slice(), create_revision, revision))
+                        .map_err(internal)?;
+                    WatchEvent {
+                        kind: EventKind::Modified,
+                        key: key.to_owned(),
+                        value,
+                        revision,
+                    }
+                }
+                Op::Delete(expected) => {
+                    let last = check(expected)?.value.clone();
+                    kv.remove(key).map_err(internal)?;
+                    WatchEvent {
+                        kind: EventKind::Deleted,
+                        key: key.to_owned(),
+                        value: last,
+                        revision,
+                    }
+                }
+            };
+            meta.insert(REVISION_KEY, revision).map_err(internal)?;
+            (revision, prev, event)
+        };
+        txn.commit().map_err(internal)?;
+
+        // Committed: publish (still holding `writer`, so events go out in revision order).
+        let mut hub = self.hub();
+        if hub.history.len() == hub.capacity
+            && let Some(evicted) = hub.history.pop_front()
+        {
+            self.floor.store(evicted.revision, Ordering::SeqCst);
+        }
+        hub.history.push_back(event.clone());
+        // No receivers is fine.
+        let _ = hub.tx.send(event);
+        Ok((revision, prev))
+    }
+
+    fn revision(txn: &redb::ReadTransaction) -> Result<Revision> {
+        let meta = txn.open_table(META).map_err(internal)?;
+        Ok(meta
+            .get(REVISION_KEY)
+            .map_err(internal)?
+            .map(|v| v.value())
+            .unwrap_or(EMPTY_REVISION))
+    }
+}
+
+fn prefix_range<'a>(
+    prefix: &'a str,
+    start_after: Option<&'a str>,
+) -> (Bound<&'a str>, Bound<&'a str>) {
+    match start_after {
+        Some(after) if after >= prefix => (Bound::Excluded(after), Bound::Unbounded),
+        _ => (Bound::Included(prefix), Bound::Unbounded),
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EmbeddedStore {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let key = key.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(internal)?;
+            let kv = txn.open_table(KV).map_err(internal)?;
+            Ok(kv.get(key.as_str()).map_err(internal)?.map(|v| {
+                let (value, create_revision, mod_revision) = v.value();
+                KeyValue {
+                    key: key.clone(),
+                    value: value.to_vec(),
+                    create_revision,
+                    mod_revision,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<ListResult> {
+        let prefix = prefix.to_owned();
+        let start_after = start_after.map(str::to_owned);
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(internal)?;
+            let revision = Inner::revision(&txn)?;
+            let kv = txn.open_table(KV).map_err(internal)?;
+            let mut items = Vec::new();
+            let mut more = false;
+            for entry in kv
+                .range::<&str>(prefix_range(&prefix, start_after.as_deref()))
+                .map_err(internal)?
+            {
+                let (k, v) = entry.map_err(internal)?;
+                let key = k.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if limit.is_some_and(|l| items.len() >= l) {
+                    more = true;
+                    break;
+                }
+                let (value, create_revision, mod_revision) = v.value();
+                items.push(KeyValue {
+                    key: key.to_owned(),
+                    value: value.to_vec(),
+                    create_revision,
+                    mod_revision,
+                });
+            }
+            Ok(ListResult {
+                items,
+                revision,
+                more,
+            })
+        })
+        .await
+    }
+
+    async fn count(&self, prefix: &str) -> Result<i64> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |inner| {
+            let txn = inner.db.begin_read().map_err(internal)?;
+            let kv = txn.open_table(KV).map_err(internal)?;
+            let mut n = 0;
+            for entry in kv.range(prefix.as_str()..).map_err(internal)? {
+                let (k, _) = entry.map_err(internal)?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<Revision> {
+        Ok(self.write(key, Op::Create(value)).await?.0)
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<Revision>,
+    ) -> Result<Revision> {
+        Ok(self.write(key, Op::Update(value, expected)).await?.0)
+    }
+
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(Revision, KeyValue)> {
+        let (revision, prev) = self.write(key, Op::Delete(expected)).await?;
+        let prev = prev.ok_or_else(|| internal("delete without previous value"))?;
+        Ok((revision, prev))
+    }
+
+    async fn current_revision(&self) -> Result<Revision> {
+        self.blocking(|inner| {
+            let txn = inner.db.begin_read().map_err(internal)?;
+            Inner::revision(&txn)
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
+        let inner = &self.inner;
+        let (replay, rx) = {
+            let hub = inner.hub();
+            let floor = inner.floor.load(Ordering::SeqCst);
+            if after < floor {
+                return Err(StorageError::Compacted {
+                    requested: after,
+                    oldest: floor,
+                });
+            }
+            let replay: Vec<WatchEvent> = hub
+                .history
+                .iter()
+                .filter(|e| e.revision > after && e.key.starts_with(prefix))
+                .cloned()
+                .collect();
+            (replay, hub.tx.subscribe())
+        };
+        let state = WatchState {
+            replay: replay.into_iter(),
+            rx,
+            prefix: prefix.to_owned(),
+            last: after,
+            floor: inner.floor.clone(),
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, WatchState::next)))
+    }
+}
+
+struct WatchState {
+    replay: std::vec::IntoIter<WatchEvent>,
+    rx: broadcast::Receiver<WatchEvent>,
+    prefix: String,
+    /// Revision of the last event delivered (or the watch's `after`).
+    last: Revision,
+    floor: Arc<AtomicI64>,
+    done: bool,
+}
+
+impl WatchState {
+    async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
+        if self.done {
+            return None;
+        }
+        if let Some(event) = self.replay.next() {
+            self.last = event.revision;
+            return Some((Ok(event), self));
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(event) => {
+                    if event.revision <= self.last || !event.key.starts_with(&self.prefix) {
+                        continue;
+                    }
+                    self.last = event.revision;
+                    return Some((Ok(event), self));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Events were dropped for this watcher: it must relist.
+                    self.done = true;
+                    let err = StorageError::Compacted {
+                        requested: self.last,
+                        oldest: self.floor.load(Ordering::SeqCst).max(self.last + 1),
+                    };
+                    return Some((Err(err), self));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod etcd_process;
 
 use std::pin::Pin;
 
@@ -71,7 +72,10 @@ pub enum StorageError {
     },
     /// A watch or list asked for a revision older than the retained history.
     #[error("revision {requested} has been compacted; oldest available is {oldest}")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     /// The backend cannot be reached (etcd down). Maps to 503.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -107,8 +111,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replaces the value of an existing key. With `expected` set, fails with `Conflict`
     /// unless the key's mod_revision equals it. `NotFound` if absent. Returns the new revision.
-    async fn update(&self, key: &str, value: Vec<u8>, expected: Option<Revision>)
-    -> Result<Revision>;
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<Revision>,
+    ) -> Result<Revision>;
 
     /// Deletes `key` (same `expected` rule as update). Returns the deletion revision and
     /// the value that was deleted.
