@@ -1,0 +1,51 @@
+//! `cargo xtask bench <name> [args...]`: runs one of skiff's benchmarks.
+//!
+//! Each bench is a `harness = false` cargo bench target, so it builds with the bench
+//! (release) profile; xtask only forwards arguments and does not link skiff crates.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// (name, cargo package, bench target, what it measures)
+const BENCHES: &[(&str, &str, &str, &str)] = &[(
+    "api",
+    "skiff-control",
+    "api",
+    "apiserver create/list/watch fan-out, embedded store vs etcd \
+     (args: --quick, --objects N, --updates M, --watchers W)",
+)];
+
+pub fn run(args: &[String]) -> Result<()> {
+    let Some((name, rest)) = args.split_first() else {
+        bail!("which bench?\n{}", available());
+    };
+    let Some(&(_, package, target, _)) = BENCHES.iter().find(|b| b.0 == name) else {
+        bail!("unknown bench {name:?}\n{}", available());
+    };
+    // The same cargo that runs xtask, from the workspace root (parent of xtask/).
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["bench", "-p", package, "--bench", target, "--"])
+        .args(rest);
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("bench {name} failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+fn available() -> String {
+    let mut out = String::from("available benches:");
+    for (name, _, _, about) in BENCHES {
+        out.push_str(&format!("\n  {name:<6} {about}"));
+    }
+    out
+}
