@@ -1,3 +1,5 @@
 //! skiff control plane.
 pub mod apiserver;
+pub mod controllers;
+pub mod leader;
 pub mod storage;

@@ -29,7 +29,7 @@ struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
-        Query(q.map(|q| url_decode_pairs(q)).unwrap_or_default())
+        Query(q.map(url_decode_pairs).unwrap_or_default())
     }
 
     fn get(&self, k: &str) -> Option<&str> {
@@ -366,6 +366,12 @@ async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
             Err(ApiError::method_not_allowed(format!(
                 "the server does not allow this method on the requested resource ({m})"
             )))
+        }
+        // A subresource this resource does not have is a 404, as in kube-apiserver.
+        (_, Some(_), Some(s))
+            if !(sub_allowed(r, s) || r.kind == "Pod" && matches!(s, "binding" | "eviction")) =>
+        {
+            Err(not_found_path())
         }
         _ => Err(ApiError::method_not_allowed(
             "the server does not allow this method on the requested resource",

@@ -390,7 +390,9 @@ impl Registry {
         }
         for attempt in 0..8 {
             if let Some(g) = &generate {
-                obj["metadata"]["name"] = json!(format!("{g}{}", random_suffix()));
+                // As Kubernetes: the base is cut so base + 5 random characters fit in 63.
+                let base: String = g.chars().take(58).collect();
+                obj["metadata"]["name"] = json!(format!("{base}{}", random_suffix()));
             }
             let name = name_of(&obj).to_string();
             let causes = validation::validate(r, &obj, None);
@@ -652,6 +654,7 @@ impl Registry {
     ) -> ApiResult<WriteResult> {
         let ns = self.ns_for(r, ns);
         validation::check_path_name(r, name)?;
+        check_patch_body(kind, body)?;
         for _attempt in 0..10 {
             let current = match self.get_kv(r, ns, name).await {
                 Ok(kv) => Some(kv),
@@ -677,6 +680,14 @@ impl Registry {
                             "the name of the object ({}) does not match the name on the URL ({name})",
                             applied["metadata"]["name"].as_str().unwrap_or("")
                         )));
+                    }
+                    // Indexing below would panic on a non-object body or metadata.
+                    if !applied.is_object()
+                        || !(applied["metadata"].is_object() || applied["metadata"].is_null())
+                    {
+                        return Err(ApiError::bad_request(
+                            "the body of the apply patch must be an object with an object metadata",
+                        ));
                     }
                     let mut applied = applied;
                     if r.namespaced && applied["metadata"]["namespace"].is_null() {
@@ -1171,11 +1182,17 @@ impl Registry {
         timeout: std::time::Duration,
     ) -> ApiResult<impl Stream<Item = WatchItem> + Send + 'static> {
         let ns = self.ns_for(r, ns).map(str::to_string);
-        let prefix = match opts.field_selector.pinned_name() {
+        // A metadata.name selector narrows the watch to one key, but only when the key
+        // is fully known (cluster-scoped, or namespaced within one namespace).
+        let pinned = opts
+            .field_selector
+            .pinned_name()
+            .filter(|_| !r.namespaced || ns.is_some());
+        let prefix = match pinned {
             Some(name) => r.key(ns.as_deref(), name),
             None => r.key_prefix(ns.as_deref()),
         };
-        let exact_key = opts.field_selector.pinned_name().is_some();
+        let exact_key = pinned.is_some();
         // The keys the client currently sees as matching, so selector transitions become
         // ADDED/DELETED as in Kubernetes.
         let mut visible: HashSet<String> = HashSet::new();
@@ -1356,6 +1373,25 @@ fn qos_class(spec: &Value) -> &'static str {
     }
 }
 
+/// A patch body that does not decode is a 400 (kube-apiserver: NewBadRequest); a
+/// well-formed patch that cannot be applied stays a 422.
+fn check_patch_body(kind: patch::PatchType, body: &[u8]) -> ApiResult<()> {
+    let ok = match kind {
+        patch::PatchType::Json => serde_json::from_slice::<json_patch::Patch>(body).is_ok(),
+        patch::PatchType::Merge | patch::PatchType::StrategicMerge => {
+            serde_json::from_slice::<Value>(body).is_ok_and(|v| v.is_object())
+        }
+        patch::PatchType::Apply => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "error decoding patch: the body is not a valid {kind:?} patch"
+        )))
+    }
+}
+
 fn apply_error(r: &Resource, name: &str, e: apply::ApplyError) -> ApiError {
     match e {
         apply::ApplyError::Invalid(m) => ApiError::bad_request(m),
@@ -1419,12 +1455,20 @@ pub fn to_scale(r: &Resource, obj: &Value) -> ApiResult<Value> {
 pub fn from_scale(r: &Resource, obj: &Value, scale: &Value) -> ApiResult<Value> {
     let name = name_of(obj);
     let replicas = &scale["spec"]["replicas"];
-    let Some(n) = replicas.as_i64() else {
-        return Err(ApiError::invalid(
-            r,
-            name,
-            vec![Cause::required("spec.replicas")],
-        ));
+    // autoscaling/v1 ScaleSpec.replicas is `omitempty`: Go clients send 0 as an absent field
+    // (kubectl scale --current-replicas=N --replicas=0 PUTs `"spec":{}`).
+    let n = match replicas {
+        Value::Null => 0,
+        v => match v.as_i64() {
+            Some(n) => n,
+            None => {
+                return Err(ApiError::invalid(
+                    r,
+                    name,
+                    vec![Cause::invalid("spec.replicas", v, "must be an integer")],
+                ));
+            }
+        },
     };
     if n < 0 {
         return Err(ApiError::invalid(

@@ -266,7 +266,7 @@ fn validate_labels(labels: &Value, field: &str, causes: &mut Vec<Cause>) {
         }
         if !is_qualified_part(v.as_str().unwrap_or(""), true) {
             causes.push(Cause::invalid(
-                format!("{field}"),
+                field.to_string(),
                 v,
                 "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
             ));

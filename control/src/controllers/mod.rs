@@ -1,0 +1,187 @@
+//! The controller-manager's controllers. Each one is a level-triggered kube-runtime
+//! `Controller`: it watches through the apiserver, reconciles one object at a time from
+//! the whole observed state (so a repeated or missed event does no harm), and requeues
+//! with a per-object exponential backoff when a reconcile fails. Components never touch
+//! storage; everything goes through `kube::Client`.
+
+pub mod garbage_collector;
+pub mod namespace;
+pub mod replicaset;
+pub mod serviceaccount;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::{Client, Resource, ResourceExt};
+
+/// Why a reconcile failed. Any error requeues the object with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// True for a 404 from the apiserver.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// True for a 409 (conflict or already exists).
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Per-object failure counts, so one object that keeps failing backs off on its own
+/// without slowing the others down.
+#[derive(Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// Records a failure and returns how long to wait before the next attempt.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().expect("backoff lock");
+        let n = f.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Self::BASE
+            .saturating_mul(1u32 << (*n - 1).min(16))
+            .min(Self::MAX)
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("backoff lock").remove(key);
+    }
+}
+
+/// "namespace/name" (or "name") for logs and backoff keys.
+pub fn key_of<K: Resource>(obj: &K) -> String {
+    match obj.meta().namespace.as_deref() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+/// Drives a controller's output stream: logs failures, never stops on one.
+pub async fn drain<T: Debug, E: std::error::Error>(
+    name: &'static str,
+    stream: impl Stream<Item = std::result::Result<T, E>>,
+) {
+    stream
+        .for_each(|r| async move {
+            match r {
+                Ok(o) => tracing::trace!(controller = name, "reconciled {o:?}"),
+                Err(e) => tracing::warn!(controller = name, "reconcile failed: {e}"),
+            }
+        })
+        .await;
+}
+
+/// Runs every controller until the first one stops (which only happens on shutdown).
+pub async fn run_all(client: Client) {
+    tokio::select! {
+        _ = replicaset::run(client.clone()) => {}
+        _ = namespace::run(client.clone()) => {}
+        _ = serviceaccount::run(client.clone()) => {}
+        _ = garbage_collector::run(client.clone()) => {}
+    }
+}
+
+/// The current time in the apiserver's type.
+pub fn now() -> Time {
+    Time(now_timestamp())
+}
+
+pub fn now_timestamp() -> Timestamp {
+    let micros = chrono::Utc::now().timestamp_micros();
+    Timestamp::from_microsecond(micros).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Records a core/v1 Event about `obj` (what `kubectl describe` lists). Best effort:
+/// failing to record an event must not fail the reconcile that caused it.
+pub async fn record_event<K>(
+    client: &Client,
+    component: &str,
+    obj: &K,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let ns = obj
+        .meta()
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let ts = now();
+    let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let ev = Event {
+        metadata: ObjectMeta {
+            // Kubernetes names events <object>.<hex timestamp>.
+            name: Some(format!("{}.{:x}", obj.name_any(), nanos)),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: obj.meta().name.clone(),
+            namespace: obj.meta().namespace.clone(),
+            uid: obj.meta().uid.clone(),
+            resource_version: obj.meta().resource_version.clone(),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some(type_.into()),
+        source: Some(EventSource {
+            component: Some(component.into()),
+            host: None,
+        }),
+        reporting_component: Some(component.into()),
+        reporting_instance: Some(component.into()),
+        first_timestamp: Some(ts.clone()),
+        last_timestamp: Some(ts),
+        count: Some(1),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        tracing::debug!("recording event {reason} for {}: {e}", key_of(obj));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_per_object_and_resets() {
+        let b = Backoff::default();
+        assert_eq!(b.failed("a"), Duration::from_millis(200));
+        assert_eq!(b.failed("a"), Duration::from_millis(400));
+        // Another object's failures are counted separately.
+        assert_eq!(b.failed("b"), Duration::from_millis(200));
+        for _ in 0..40 {
+            b.failed("a");
+        }
+        assert_eq!(b.failed("a"), Backoff::MAX);
+        b.succeeded("a");
+        assert_eq!(b.failed("a"), Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,473 @@
+//! ReplicaSet controller: keeps `spec.replicas` Pods that match the selector and are
+//! controlled by the ReplicaSet, and reports what it sees in status.
+//!
+//! Input: ReplicaSets, plus Pods (a pod event wakes its controller, or for an orphan every
+//! ReplicaSet whose selector matches it). Each reconcile lists the namespace's pods from
+//! the apiserver rather than a cache, so it never acts on a stale count and needs no
+//! "expectations" bookkeeping. Output: pod creates/deletes, ownerReference adoption and
+//! release, Events and status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use super::{Backoff, Error, Result, is_conflict, is_not_found, key_of, record_event};
+
+const COMPONENT: &str = "replicaset-controller";
+/// Kubernetes caps one sync's creates/deletes so a huge scale does not starve others.
+const BURST: usize = 500;
+
+pub struct Ctx {
+    client: Client,
+    backoff: Backoff,
+}
+
+pub async fn run(client: Client) {
+    let rs_api: Api<ReplicaSet> = Api::all(client.clone());
+    let pod_api: Api<Pod> = Api::all(client.clone());
+    let ctrl = Controller::new(rs_api, watcher::Config::default());
+    let store = ctrl.store();
+    // One pod watch serves both triggers: the controlling ReplicaSet, or for an orphan
+    // every ReplicaSet in its namespace whose selector matches (adoption).
+    let ctrl = ctrl.watches(pod_api, watcher::Config::default(), move |pod: Pod| {
+        let ns = pod.namespace().unwrap_or_default();
+        if let Some(owner) = controller_ref(&pod.metadata) {
+            if owner.kind == "ReplicaSet" {
+                return vec![ObjectRef::new(&owner.name).within(&ns)];
+            }
+            return vec![];
+        }
+        store
+            .state()
+            .iter()
+            .filter(|rs| rs.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|rs| selector_matches(&Some(&rs.spec.selector), pod.labels()))
+            .map(|rs| ObjectRef::from_obj(rs.as_ref()))
+            .collect()
+    });
+    let ctx = Arc::new(Ctx {
+        client,
+        backoff: Backoff::default(),
+    });
+    super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
+}
+
+fn error_policy(rs: Arc<ReplicaSet>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let key = key_of(rs.as_ref());
+    let wait = ctx.backoff.failed(&key);
+    tracing::warn!("replicaset {key}: {err}; retrying in {wait:?}");
+    Action::requeue(wait)
+}
+
+/// The ownerReference with controller=true, if any.
+pub fn controller_ref(meta: &ObjectMeta) -> Option<&OwnerReference> {
+    meta.owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|o| o.controller == Some(true))
+}
+
+/// matchLabels and matchExpressions. A missing or empty selector matches nothing, as
+/// for ReplicaSets (validation rejects them anyway).
+pub fn selector_matches(sel: &Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = sel else { return false };
+    let ml = sel.match_labels.as_ref();
+    let me = sel.match_expressions.as_deref().unwrap_or_default();
+    if ml.is_none_or(BTreeMap::is_empty) && me.is_empty() {
+        return false;
+    }
+    if let Some(ml) = ml
+        && !ml.iter().all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    me.iter().all(|r| {
+        let values = r.values.as_deref().unwrap_or_default();
+        match r.operator.as_str() {
+            "In" => labels.get(&r.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&r.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&r.key),
+            "DoesNotExist" => !labels.contains_key(&r.key),
+            _ => false,
+        }
+    })
+}
+
+fn is_active(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Deletion order as Kubernetes ranks it: unscheduled before scheduled, pending before
+/// running, not ready before ready, then the newest first.
+fn deletion_rank(p: &Pod) -> (bool, u8, bool, std::cmp::Reverse<Option<i64>>) {
+    let scheduled = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+    let phase = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Pending") | None => 0,
+        Some("Running") => 2,
+        _ => 1,
+    };
+    let created = p
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_microsecond());
+    (scheduled, phase, is_ready(p), std::cmp::Reverse(created))
+}
+
+fn owner_ref(rs: &ReplicaSet) -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: rs.name_any(),
+        uid: rs.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn pod_from_template(rs: &ReplicaSet, template: &PodTemplateSpec) -> Pod {
+    let tm = template.metadata.clone().unwrap_or_default();
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", rs.name_any())),
+            namespace: rs.namespace(),
+            labels: tm.labels,
+            annotations: tm.annotations,
+            finalizers: tm.finalizers,
+            owner_references: Some(vec![owner_ref(rs)]),
+            ..Default::default()
+        },
+        spec: template.spec.clone(),
+        status: None,
+    }
+}
+
+async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
+    let key = key_of(rs.as_ref());
+    // A ReplicaSet being deleted belongs to the garbage collector: creating or adopting
+    // pods now would fight foreground/orphan deletion.
+    if rs.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = rs.namespace().unwrap_or_default();
+    let uid = rs.uid().unwrap_or_default();
+    let spec = rs.spec.clone();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = pods.list(&ListParams::default()).await?.items;
+
+    let mut owned: Vec<Pod> = Vec::new();
+    for pod in all {
+        let matches = selector_matches(&Some(&spec.selector), pod.labels());
+        match controller_ref(&pod.metadata) {
+            Some(o) if o.uid == uid => {
+                if matches {
+                    owned.push(pod);
+                } else if pod.metadata.deletion_timestamp.is_none() {
+                    // Labels changed: let the pod go (it becomes an orphan).
+                    release(&pods, &pod, &uid).await?;
+                }
+            }
+            Some(_) => {}
+            None if matches && pod.metadata.deletion_timestamp.is_none() => {
+                if let Some(p) = adopt(&pods, &pod, &rs).await? {
+                    owned.push(p);
+                }
+            }
+            None => {}
+        }
+    }
+
+    let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
+    let want = spec.replicas.unwrap_or(1).max(0) as usize;
+    let mut failure: Option<String> = None;
+    if active.len() < want {
+        let template = spec.template.clone().unwrap_or_default();
+        for _ in 0..(want - active.len()).min(BURST) {
+            match pods
+                .create(&PostParams::default(), &pod_from_template(&rs, &template))
+                .await
+            {
+                Ok(p) => {
+                    let msg = format!("Created pod: {}", p.name_any());
+                    record_event(
+                        &ctx.client,
+                        COMPONENT,
+                        rs.as_ref(),
+                        "Normal",
+                        "SuccessfulCreate",
+                        &msg,
+                    )
+                    .await;
+                    active.push(p);
+                }
+                Err(e) => {
+                    let msg = format!("Error creating: {e}");
+                    record_event(
+                        &ctx.client,
+                        COMPONENT,
+                        rs.as_ref(),
+                        "Warning",
+                        "FailedCreate",
+                        &msg,
+                    )
+                    .await;
+                    failure = Some(msg);
+                    break;
+                }
+            }
+        }
+    } else if active.len() > want {
+        active.sort_by_key(deletion_rank);
+        let surplus = (active.len() - want).min(BURST);
+        let victims: Vec<Pod> = active.drain(..surplus).collect();
+        for p in victims {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: p.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match pods.delete(&p.name_any(), &dp).await {
+                Ok(_) => {
+                    let msg = format!("Deleted pod: {}", p.name_any());
+                    record_event(
+                        &ctx.client,
+                        COMPONENT,
+                        rs.as_ref(),
+                        "Normal",
+                        "SuccessfulDelete",
+                        &msg,
+                    )
+                    .await;
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    let msg = format!("Error deleting: {e}");
+                    record_event(
+                        &ctx.client,
+                        COMPONENT,
+                        rs.as_ref(),
+                        "Warning",
+                        "FailedDelete",
+                        &msg,
+                    )
+                    .await;
+                    active.push(p);
+                    failure = Some(msg);
+                    break;
+                }
+            }
+        }
+    }
+
+    update_status(&ctx.client, &rs, &active, failure.as_deref()).await?;
+    if let Some(msg) = failure {
+        return Err(Error::Other(msg));
+    }
+    ctx.backoff.succeeded(&key);
+    Ok(Action::await_change())
+}
+
+/// Adds the ReplicaSet as controller of an orphan. The resourceVersion in the patch makes
+/// it fail (409) if someone else adopted or changed the pod meanwhile.
+async fn adopt(pods: &Api<Pod>, pod: &Pod, rs: &ReplicaSet) -> Result<Option<Pod>> {
+    let mut refs = pod.metadata.owner_references.clone().unwrap_or_default();
+    refs.push(owner_ref(rs));
+    let patch =
+        json!({"metadata": {"resourceVersion": pod.resource_version(), "ownerReferences": refs}});
+    match pods
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) if is_conflict(&e) => Err(Error::Other(format!(
+            "pod {} changed while adopting it",
+            pod.name_any()
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn release(pods: &Api<Pod>, pod: &Pod, uid: &str) -> Result<()> {
+    let refs: Vec<&OwnerReference> = pod
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|o| o.uid != uid)
+        .collect();
+    let patch =
+        json!({"metadata": {"resourceVersion": pod.resource_version(), "ownerReferences": refs}});
+    match pods
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn update_status(
+    client: &Client,
+    rs: &ReplicaSet,
+    active: &[Pod],
+    failure: Option<&str>,
+) -> Result<()> {
+    let spec = rs.spec.clone();
+    let template_labels = spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let fully_labeled = active
+        .iter()
+        .filter(|p| {
+            template_labels
+                .iter()
+                .all(|(k, v)| p.labels().get(k) == Some(v))
+        })
+        .count();
+    let ready: Vec<&Pod> = active.iter().filter(|p| is_ready(p)).collect();
+    let min_ready = Duration::from_secs(spec.min_ready_seconds.unwrap_or(0).max(0) as u64);
+    let now = super::now_timestamp();
+    let available = ready
+        .iter()
+        .filter(|p| {
+            min_ready.is_zero()
+                || ready_since(p)
+                    .is_some_and(|t| now.as_second() - t.as_second() >= min_ready.as_secs() as i64)
+        })
+        .count();
+    let old = rs.status.clone().unwrap_or_default();
+    let mut conditions: Vec<_> = old
+        .conditions
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.type_.as_deref() != Some("ReplicaFailure"))
+        .collect();
+    if let Some(msg) = failure {
+        conditions.push(k8s_openapi::api::apps::v1::ReplicaSetCondition {
+            type_: Some("ReplicaFailure".into()),
+            status: Some("True".into()),
+            reason: Some("FailedCreate".into()),
+            message: Some(msg.to_string()),
+            last_transition_time: Some(super::now()),
+        });
+    }
+    let status = ReplicaSetStatus {
+        replicas: active.len() as i32,
+        fully_labeled_replicas: Some(fully_labeled as i32),
+        ready_replicas: Some(ready.len() as i32),
+        available_replicas: Some(available as i32),
+        observed_generation: rs.metadata.generation,
+        conditions: (!conditions.is_empty()).then_some(conditions),
+        terminating_replicas: old.terminating_replicas,
+    };
+    let same = old.replicas == status.replicas
+        && old.fully_labeled_replicas.unwrap_or(0) == fully_labeled as i32
+        && old.ready_replicas.unwrap_or(0) == ready.len() as i32
+        && old.available_replicas.unwrap_or(0) == available as i32
+        && old.observed_generation == status.observed_generation
+        && old.conditions.as_ref().map(Vec::len) == status.conditions.as_ref().map(Vec::len);
+    // Writing an unchanged status would only wake this controller again.
+    if same {
+        return Ok(());
+    }
+    let api: Api<ReplicaSet> = Api::namespaced(client.clone(), &rs.namespace().unwrap_or_default());
+    let patch = json!({"status": status});
+    match api
+        .patch_status(
+            &rs.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ready_since(p: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?
+        .last_transition_time
+        .as_ref()
+        .map(|t| t.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn selectors() {
+        let sel = LabelSelector {
+            match_labels: Some(labels(&[("app", "web")])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "NotIn".into(),
+                values: Some(vec!["db".into()]),
+            }]),
+        };
+        assert!(selector_matches(&Some(&sel), &labels(&[("app", "web")])));
+        assert!(!selector_matches(
+            &Some(&sel),
+            &labels(&[("app", "web"), ("tier", "db")])
+        ));
+        assert!(!selector_matches(&Some(&sel), &labels(&[("app", "api")])));
+        assert!(!selector_matches(
+            &Some(&LabelSelector::default()),
+            &labels(&[("a", "b")])
+        ));
+        assert!(!selector_matches(&None, &labels(&[])));
+    }
+}
