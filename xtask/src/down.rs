@@ -16,22 +16,24 @@ pub struct Args {
     pub keep_state: bool,
 }
 
-/// SIGTERM, then SIGKILL if the process has not exited within the grace period.
+/// SIGTERM to the process group `up` started (pgid = pid), then SIGKILL if the leader
+/// has not exited within the grace period.
 fn stop(name: &str, pid: u32) {
     println!("[down] stopping {name} (pid {pid})");
-    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let group = format!("-{pid}");
+    let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
     let start = Instant::now();
     while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
     if Path::new(&format!("/proc/{pid}")).exists() {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
     }
 }
 
 pub fn run(args: &Args) -> Result<()> {
     // The apiserver first, so it does not log storage errors while etcd goes away.
-    for name in ["apiserver", "etcd"] {
+    for name in ["controller-manager", "apiserver", "etcd"] {
         if let Some(pid) = running_pid(name) {
             stop(name, pid);
         }

@@ -89,10 +89,19 @@ pub fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
 
-    println!("[up] building skiff-apiserver");
+    println!("[up] building skiff-apiserver and skiff-controller-manager");
     util::run_cmd(
         "cargo build",
-        util::cargo().args(["build", "--quiet", "-p", "skiff-control", "--bin", "skiff-apiserver"]),
+        util::cargo().args([
+            "build",
+            "--quiet",
+            "-p",
+            "skiff-control",
+            "--bin",
+            "skiff-apiserver",
+            "--bin",
+            "skiff-controller-manager",
+        ]),
     )?;
     let bin = util::root().join("target/debug/skiff-apiserver");
 
@@ -115,6 +124,20 @@ pub fn run(args: &Args) -> Result<()> {
         .find_map(|l| l.strip_prefix("kubeconfig: "))
         .map(PathBuf::from)
         .context("apiserver log has no kubeconfig line")?;
+
+    // The controller-manager exits when it loses its Lease (e.g. the apiserver restarted);
+    // a small shell loop is its supervisor. `down` stops the whole process group.
+    println!("[up] starting the controller-manager");
+    let cm = util::root().join("target/debug/skiff-controller-manager");
+    spawn_daemon(
+        "controller-manager",
+        Command::new("sh").args([
+            "-c",
+            "while :; do \"$0\" --kubeconfig \"$1\"; sleep 1; done",
+            &cm.to_string_lossy(),
+            &kubeconfig.to_string_lossy(),
+        ]),
+    )?;
 
     if !args.no_sample {
         let manifest = util::root().join("manifests/sample-app.yaml");
@@ -166,6 +189,6 @@ fn print_usage(kubeconfig: &Path) {
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get namespaces");
     println!("  kubectl get all -n demo");
-    println!("Pods stay Pending until node agents join (the node agent is the next milestone).");
+    println!("ReplicaSets create Pods; they stay Pending until the scheduler and node agents join.");
     println!("Stop everything with: cargo xtask down");
 }
