@@ -1,6 +1,7 @@
 //! `cargo xtask test [-- <cargo test args>]`: everything CI checks, in order, stopping at
 //! the first failure: setup, build-ebpf, `cargo fmt --all --check`,
-//! `cargo clippy --workspace --all-targets -- -D warnings`, `cargo test --workspace`.
+//! `cargo clippy --workspace --all-targets -- -D warnings`, `cargo test --workspace`,
+//! then the api benchmark at smoke size.
 //! Tests get `SKIFF_KUBECTL_LATEST` = the PyPI kubectl installed by setup.
 
 use anyhow::{Context, Result};
@@ -44,6 +45,14 @@ pub fn run(args: &Args) -> Result<()> {
                 .args(["test", "--workspace"])
                 .args(&args.cargo_test_args)
                 .env("SKIFF_KUBECTL_LATEST", &kubectl),
+        )
+    })?;
+    // The api benchmark at smoke size: it asserts list counts and watch delivery
+    // (type and order) on both backends, so a broken watch fails CI, not just the bench.
+    step("bench api (smoke size)", || {
+        util::run_cmd(
+            "cargo test --bench api",
+            util::cargo().args(["test", "-p", "skiff-control", "--bench", "api"]),
         )
     })?;
     eprintln!("[test] all steps passed");

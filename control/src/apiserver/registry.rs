@@ -1290,6 +1290,14 @@ impl WatchState {
         }
         let mut obj: Value = serde_json::from_slice(&ev.value).ok()?;
         set_rv(&mut obj, ev.revision);
+        if self.opts.label_selector.is_empty() && self.opts.field_selector.is_empty() {
+            // Nothing can change what matches: the store's event type is the answer.
+            return Some(match ev.kind {
+                EventKind::Added => WatchItem::Added(obj),
+                EventKind::Modified => WatchItem::Modified(obj),
+                EventKind::Deleted => WatchItem::Deleted(obj),
+            });
+        }
         let matches = self.opts.label_selector.matches(&obj["metadata"]["labels"])
             && self.opts.field_selector.matches(&obj);
         let was_visible = self.visible.contains(&ev.key);
