@@ -35,7 +35,11 @@ fn pid_file(name: &str) -> PathBuf {
 
 /// The pid recorded for `name`, if that process is still alive.
 pub fn running_pid(name: &str) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(name)).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
@@ -84,7 +88,9 @@ pub fn run(args: &Args) -> Result<()> {
     let dir = state_dir();
     std::fs::create_dir_all(&dir)?;
     if let Some(pid) = running_pid("apiserver") {
-        println!("[up] the control plane is already running (apiserver pid {pid}); `cargo xtask down` stops it");
+        println!(
+            "[up] the control plane is already running (apiserver pid {pid}); `cargo xtask down` stops it"
+        );
         print_usage(&dir.join("control/admin.kubeconfig"));
         return Ok(());
     }
@@ -106,17 +112,23 @@ pub fn run(args: &Args) -> Result<()> {
     let bin = util::root().join("target/debug/skiff-apiserver");
 
     let mut apiserver = Command::new(&bin);
-    apiserver.args(["--data-dir"]).arg(dir.join("control")).args([
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-port",
-        &args.port.to_string(),
-    ]);
+    apiserver
+        .args(["--data-dir"])
+        .arg(dir.join("control"))
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            &args.port.to_string(),
+        ]);
     if args.etcd {
         let endpoint = start_etcd(&dir)?;
         apiserver.args(["--etcd-servers", &endpoint]);
     }
-    println!("[up] starting the apiserver on https://127.0.0.1:{}", args.port);
+    println!(
+        "[up] starting the apiserver on https://127.0.0.1:{}",
+        args.port
+    );
     let pid = spawn_daemon("apiserver", &mut apiserver)?;
     let log = wait_for_log("apiserver", pid, "kubeconfig: ", Duration::from_secs(60))?;
     let kubeconfig = log
@@ -179,7 +191,12 @@ fn start_etcd(dir: &Path) -> Result<String> {
                 "skiff=http://127.0.0.1:23800",
             ]),
     )?;
-    wait_for_log("etcd", pid, "ready to serve client requests", Duration::from_secs(30))?;
+    wait_for_log(
+        "etcd",
+        pid,
+        "ready to serve client requests",
+        Duration::from_secs(30),
+    )?;
     Ok(CLIENT.into())
 }
 
@@ -189,6 +206,8 @@ fn print_usage(kubeconfig: &Path) {
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!("  kubectl get namespaces");
     println!("  kubectl get all -n demo");
-    println!("ReplicaSets create Pods; they stay Pending until the scheduler and node agents join.");
+    println!(
+        "ReplicaSets create Pods; they stay Pending until the scheduler and node agents join."
+    );
     println!("Stop everything with: cargo xtask down");
 }

@@ -164,11 +164,20 @@ async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
             }
             ["openapi", "v2"] => {
                 if !accept.is_empty() && !accept.contains("json") && !accept.contains("*/*") {
-                    return Err(ApiError::new(
-                        406,
-                        "NotAcceptable",
-                        "only application/json is served for /openapi/v2",
-                    ));
+                    // client-go only takes v2 as protobuf. An empty document makes kubectl
+                    // skip client-side validation for what v3 cannot cover (kind: List,
+                    // unknown kinds), so the server decides, instead of failing outright.
+                    return Ok((
+                        StatusCode::OK,
+                        // The Accept value has an '@' Go's mime parser rejects in a
+                        // Content-Type; kube-openapi answers with this spelling.
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                        )],
+                        openapi::v2_protobuf_stub(),
+                    )
+                        .into_response());
                 }
                 return Ok((
                     StatusCode::OK,
@@ -242,6 +251,7 @@ async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
         (Method::GET, None, None) => ctx.list().await,
         (Method::POST, None, None) => {
             let obj = parse_body(&body, &parts.headers)?;
+            check_duplicates(&body, &parts.headers, &opts)?;
             let res = state.registry.create(r, ns, obj, &opts).await?;
             Ok(ctx.write_response(StatusCode::CREATED, res))
         }
@@ -271,6 +281,7 @@ async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
                 return Err(not_found_path());
             }
             let obj = parse_body(&body, &parts.headers)?;
+            check_duplicates(&body, &parts.headers, &opts)?;
             let res = state.registry.update(r, ns, n, obj, sub, &opts).await?;
             Ok(ctx.write_response(StatusCode::OK, res))
         }
@@ -459,6 +470,23 @@ fn parse_body(body: &[u8], headers: &HeaderMap) -> ApiResult<Value> {
             "the body of the request was in an unknown format - couldn't decode JSON: {e}"
         ))
     })
+}
+
+/// Strict field validation also rejects duplicate keys, which decoding cannot see.
+fn check_duplicates(body: &[u8], headers: &HeaderMap, opts: &WriteOptions) -> ApiResult<()> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if opts.field_validation == FieldValidation::Strict
+        && !ct.contains("yaml")
+        && let Some(field) = super::validation::duplicate_json_field(body)
+    {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: duplicate field {field:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn write_options(q: &Query, headers: &HeaderMap) -> ApiResult<WriteOptions> {

@@ -158,7 +158,14 @@ async fn bootstrap(reg: &Registry, advertise: SocketAddr) -> Result<(), status::
         "metadata": {"name": "kubernetes", "namespace": "default",
             "labels": {"component": "apiserver", "provider": "kubernetes"}},
         "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": advertise.port()}]}});
-    ignore_exists(reg.create(svc_r, Some("default"), svc, &opts).await)?;
+    // Look first: re-creating it after a restart would fail IP allocation, not AlreadyExists.
+    match reg.get(svc_r, Some("default"), "kubernetes").await {
+        Ok(_) => {}
+        Err(e) if e.code == 404 => {
+            ignore_exists(reg.create(svc_r, Some("default"), svc, &opts).await)?
+        }
+        Err(e) => return Err(e),
+    }
     let ep_r = resources::by_kind("v1", "Endpoints").expect("served");
     let ep = json!({"apiVersion": "v1", "kind": "Endpoints",
         "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},

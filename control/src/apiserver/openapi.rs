@@ -53,25 +53,25 @@ pub fn v3_group_version(path: &str) -> Option<&'static [u8]> {
 }
 
 /// The swagger 2.0 document as JSON.
-pub fn v2_json() -> &'static [u8] {
-    &docs().v2
+/// A gnostic openapi_v2.Document with only `swagger` (field 1) and `info` (field 2:
+/// title = 1, version = 2) set, and no definitions.
+pub fn v2_protobuf_stub() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        out.push((number << 3) | 2); // length-delimited
+        out.push(bytes.len() as u8); // all values here are < 128 bytes
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"skiff");
+    field(&mut info, 2, format!("v1.{}", super::KUBE_MINOR).as_bytes());
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0");
+    field(&mut doc, 2, &info);
+    doc
 }
 
-/// What /openapi/v2 should answer for an Accept header: `Ok(())` means serve
-/// [`v2_json`] as application/json; `Err(406)` means the client only takes protobuf,
-/// which skiff cannot produce. client-go asks for protobuf only, and a 200 with JSON
-/// would fail its protobuf decode with a confusing error, while 406 surfaces as a clean
-/// "NotAcceptable" API error. kubectl only fetches v2 when the v3 documents do not show
-/// `fieldValidation` support (and for explain/apply fallbacks), which they always do here.
-pub fn v2_status_for_accept(accept: &str) -> Result<(), u16> {
-    if accept.trim().is_empty() {
-        return Ok(());
-    }
-    let json_ok = accept.split(',').any(|part| {
-        let base = part.split(';').next().unwrap_or("").trim();
-        matches!(base, "application/json" | "application/*" | "*/*")
-    });
-    if json_ok { Ok(()) } else { Err(406) }
+pub fn v2_json() -> &'static [u8] {
+    &docs().v2
 }
 
 /// Opaque content hash for the ?hash= cache buster (two FNV-1a lanes, 128 bits).
@@ -752,13 +752,11 @@ mod tests {
     }
 
     #[test]
-    fn v2_accept_negotiation() {
-        assert_eq!(v2_status_for_accept(V2_PROTOBUF), Err(406));
-        assert_eq!(v2_status_for_accept("application/json"), Ok(()));
-        assert_eq!(v2_status_for_accept(""), Ok(()));
-        assert_eq!(
-            v2_status_for_accept(&format!("{V2_PROTOBUF}, application/json;q=0.5")),
-            Ok(())
-        );
+    fn v2_protobuf_stub_is_a_document() {
+        // swagger = "2.0" (field 1), then info (field 2) with title "skiff".
+        let doc = v2_protobuf_stub();
+        assert_eq!(&doc[..5], b"\x0a\x032.0");
+        assert_eq!(doc[5], 0x12);
+        assert_eq!(&doc[7..14], b"\x0a\x05skiff");
     }
 }

@@ -43,6 +43,17 @@ pub fn decode(r: &Resource, body: Value, name_hint: &str) -> Result<Decoded, Api
             r.kind
         )));
     };
+    for field in ["apiVersion", "kind"] {
+        if map
+            .get(field)
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(ApiError::bad_request(format!(
+                "{field} must be a string, got {}",
+                map[field]
+            )));
+        }
+    }
     let expected = r.api_version();
     match map.get("apiVersion").and_then(Value::as_str) {
         None | Some("") => {
@@ -126,6 +137,91 @@ fn find_unknown(input: &Value, known: &Value, path: &str, out: &mut Vec<String>)
 
 fn is_empty_container(v: &Value) -> bool {
     matches!(v, Value::Object(m) if m.is_empty()) || matches!(v, Value::Array(a) if a.is_empty())
+}
+
+/// The first key that appears twice in one JSON object of `body` (as a dotted path), for
+/// `fieldValidation=Strict`: serde keeps the last value silently, Kubernetes rejects it.
+pub fn duplicate_json_field(body: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    struct Dup {
+        path: String,
+        found: Rc<RefCell<Option<String>>>,
+    }
+    impl Dup {
+        fn child(&self, path: String) -> Dup {
+            Dup {
+                path,
+                found: self.found.clone(),
+            }
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Dup {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Dup {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while seq
+                .next_element_seed(self.child(format!("{}[{i}]", self.path)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let p = if self.path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{}.{k}", self.path)
+                };
+                if !seen.insert(k) && self.found.borrow().is_none() {
+                    *self.found.borrow_mut() = Some(p.clone());
+                }
+                map.next_value_seed(self.child(p))?;
+            }
+            Ok(())
+        }
+    }
+    let found = Rc::new(RefCell::new(None));
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Dup {
+        path: String::new(),
+        found: found.clone(),
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    found.take()
 }
 
 const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
@@ -230,6 +326,21 @@ pub fn validate(r: &Resource, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
         "Deployment" | "ReplicaSet" | "DaemonSet" => validate_workload(r, obj, &mut causes),
         "Service" => validate_service(obj, old, &mut causes),
         "ConfigMap" | "Secret" => {
+            // Kubernetes caps the summed size of keys and values at 1 MiB.
+            const MAX_DATA: usize = 1024 * 1024;
+            let size: usize = ["data", "binaryData", "stringData"]
+                .iter()
+                .filter_map(|f| obj[*f].as_object())
+                .flatten()
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum();
+            if size > MAX_DATA {
+                causes.push(Cause {
+                    reason: "FieldValueTooLong",
+                    field: "data".into(),
+                    message: format!("Too long: must have at most {MAX_DATA} bytes"),
+                });
+            }
             for field in ["data", "binaryData", "stringData"] {
                 if let Some(m) = obj[field].as_object() {
                     for k in m.keys() {
@@ -559,6 +670,16 @@ mod tests {
     use super::*;
     use crate::apiserver::resources::by_kind;
     use serde_json::json;
+
+    #[test]
+    fn duplicate_fields() {
+        assert_eq!(
+            duplicate_json_field(br#"{"a":1,"spec":{"r":1,"l":[{"x":1,"x":2}]}}"#),
+            Some("spec.l[0].x".to_string())
+        );
+        assert_eq!(duplicate_json_field(br#"{"a":1,"b":{"a":2}}"#), None);
+        assert_eq!(duplicate_json_field(b"not json"), None);
+    }
 
     #[test]
     fn names() {
