@@ -16,7 +16,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::{Backoff, Error, Result, is_not_found, key_of};
+use super::{Backoff, Error, Result, done_unless_error, is_not_found, key_of};
 use crate::apiserver::resources::{RESOURCES, Resource};
 
 const COMPONENT: &str = "namespace-controller";
@@ -223,16 +223,12 @@ async fn set_conditions(
     conditions.extend(wanted);
     let api: Api<Namespace> = Api::all(client.clone());
     let patch = json!({"status": {"conditions": conditions}});
-    match api
-        .patch_status(
+    done_unless_error(
+        api.patch_status(
             &ns.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+        .await,
+    )
 }

@@ -21,7 +21,9 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::{Backoff, Error, Result, is_conflict, is_not_found, key_of, record_event};
+use super::{
+    Backoff, Error, Result, done_unless_error, is_conflict, is_not_found, key_of, record_event,
+};
 
 const COMPONENT: &str = "replicaset-controller";
 /// Kubernetes caps one sync's creates/deletes so a huge scale does not starve others.
@@ -327,18 +329,14 @@ async fn release(pods: &Api<Pod>, pod: &Pod, uid: &str) -> Result<()> {
         .collect();
     let patch =
         json!({"metadata": {"resourceVersion": pod.resource_version(), "ownerReferences": refs}});
-    match pods
-        .patch(
+    done_unless_error(
+        pods.patch(
             &pod.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+        .await,
+    )
 }
 
 async fn update_status(
@@ -411,18 +409,14 @@ async fn update_status(
     }
     let api: Api<ReplicaSet> = Api::namespaced(client.clone(), &rs.namespace().unwrap_or_default());
     let patch = json!({"status": status});
-    match api
-        .patch_status(
+    done_unless_error(
+        api.patch_status(
             &rs.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+        .await,
+    )
 }
 
 fn ready_since(p: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
