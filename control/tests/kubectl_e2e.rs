@@ -857,81 +857,6 @@ fn service_allocation(b: Backend, k: Kubectl) {
     );
 }
 
-/// The imperative generators (`kubectl create configmap|secret|service|deployment|namespace`)
-/// go through client-go's typed clients, which send protobuf request bodies.
-fn imperative_create(b: Backend, k: Kubectl) {
-    let t = T::new(b, k);
-    let out = t.ok(&["create", "namespace", "imp"]);
-    assert!(out.contains("namespace/imp created"), "{out}");
-    t.ok(&[
-        "create",
-        "configmap",
-        "c1",
-        "-n",
-        "imp",
-        "--from-literal=a=b",
-    ]);
-    assert_eq!(
-        t.jsonpath(&["get", "cm", "c1", "-n", "imp"], "{.data.a}"),
-        "b"
-    );
-    t.ok(&[
-        "create",
-        "secret",
-        "generic",
-        "s1",
-        "-n",
-        "imp",
-        "--from-literal=pw=hunter2",
-    ]);
-    assert_eq!(
-        t.jsonpath(&["get", "secret", "s1", "-n", "imp"], "{.data.pw}"),
-        "aHVudGVyMg=="
-    );
-    t.ok(&[
-        "create",
-        "deployment",
-        "d1",
-        "-n",
-        "imp",
-        "--image=nginx:1.27",
-        "--replicas=2",
-    ]);
-    assert_eq!(
-        t.jsonpath(&["get", "deploy", "d1", "-n", "imp"], "{.spec.replicas}"),
-        "2"
-    );
-    t.ok(&[
-        "create",
-        "service",
-        "nodeport",
-        "s1",
-        "-n",
-        "imp",
-        "--tcp=80:8080",
-    ]);
-    let np: i64 = t
-        .jsonpath(
-            &["get", "svc", "s1", "-n", "imp"],
-            "{.spec.ports[0].nodePort}",
-        )
-        .parse()
-        .unwrap();
-    assert!((30000..=32767).contains(&np));
-    let err = t.fail(&[
-        "create",
-        "configmap",
-        "Bad_Name",
-        "-n",
-        "imp",
-        "--from-literal=a=b",
-    ]);
-    assert!(
-        err.contains("is invalid") && err.contains("metadata.name"),
-        "bad name:\n{err}"
-    );
-}
-
 /// The default namespaces and the `kubernetes` Service exist.
 fn defaults_exist(b: Backend, k: Kubectl) {
     let t = T::new(b, k);
@@ -1290,7 +1215,6 @@ e2e_tests! {
         wrong_type_and_yaml,
         api_resources_explain,
         restart_keeps_objects,
-        imperative_create,
     ],
     latest: [
         apply_get_describe,
@@ -1303,6 +1227,5 @@ e2e_tests! {
         invalid_input,
         wrong_type_and_yaml,
         api_resources_explain,
-        imperative_create,
     ],
 }
