@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("skiff-controller-manager {identity}: leadership lost, exiting");
             std::process::exit(1);
         }
-        _ = controllers::run_all(client) => {
+        _ = controllers::run_all(client, controllers::ControllerConfig::default()) => {
             anyhow::bail!("controllers stopped unexpectedly");
         }
         _ = shutdown_signal() => {

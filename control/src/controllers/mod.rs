@@ -4,9 +4,16 @@
 //! with a per-object exponential backoff when a reconcile fails. Components never touch
 //! storage; everything goes through `kube::Client`.
 
+pub mod daemonset;
+pub mod deployment;
+pub mod endpoints;
+pub mod endpointslice;
 pub mod garbage_collector;
 pub mod namespace;
+pub mod node_ipam;
+pub mod node_lifecycle;
 pub mod replicaset;
+pub mod service_lb;
 pub mod serviceaccount;
 
 use std::collections::HashMap;
@@ -100,13 +107,50 @@ pub async fn drain<T: Debug, E: std::error::Error>(
         .await;
 }
 
+/// Settings from the controller-manager command line that controllers read.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node whose Lease has not been renewed for this long is Ready=Unknown
+    /// (kube-controller-manager's --node-monitor-grace-period).
+    pub node_monitor_grace_period: Duration,
+    /// tolerationSeconds given to pods that do not tolerate not-ready/unreachable
+    /// (the DefaultTolerationSeconds admission default, 300 s).
+    pub default_toleration_seconds: i64,
+    /// Pod network all node podCIDRs are carved from (--cluster-cidr).
+    pub cluster_cidr: String,
+    /// Prefix length of each node's podCIDR (--node-cidr-mask-size).
+    pub node_cidr_mask_size: u8,
+    /// Addresses handed to LoadBalancer Services: a CIDR or "first-last" range. None
+    /// leaves LoadBalancer Services pending, as with no cloud provider.
+    pub load_balancer_pool: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            node_monitor_grace_period: Duration::from_secs(40),
+            default_toleration_seconds: 300,
+            cluster_cidr: "10.244.0.0/16".into(),
+            node_cidr_mask_size: 24,
+            load_balancer_pool: None,
+        }
+    }
+}
+
 /// Runs every controller until the first one stops (which only happens on shutdown).
-pub async fn run_all(client: Client) {
+pub async fn run_all(client: Client, cfg: ControllerConfig) {
     tokio::select! {
         _ = replicaset::run(client.clone()) => {}
         _ = namespace::run(client.clone()) => {}
         _ = serviceaccount::run(client.clone()) => {}
         _ = garbage_collector::run(client.clone()) => {}
+        _ = deployment::run(client.clone(), cfg.clone()) => {}
+        _ = daemonset::run(client.clone(), cfg.clone()) => {}
+        _ = endpoints::run(client.clone(), cfg.clone()) => {}
+        _ = endpointslice::run(client.clone(), cfg.clone()) => {}
+        _ = node_lifecycle::run(client.clone(), cfg.clone()) => {}
+        _ = node_ipam::run(client.clone(), cfg.clone()) => {}
+        _ = service_lb::run(client.clone(), cfg.clone()) => {}
     }
 }
 
