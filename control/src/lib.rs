@@ -1,6 +1,8 @@
 //! skiff control plane.
 pub mod apiserver;
+pub mod component;
 pub mod controllers;
+pub mod hollow;
 pub mod leader;
 pub mod objects;
 pub mod scheduler;

@@ -8,126 +8,12 @@
 
 mod support;
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{ApiServer, Backend, assert_success, eventually};
+use support::{ApiServer, Backend, Component, LEASE, RENEW, RETRY, assert_success, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A controller-manager process; Drop kills it by pid.
-struct Cm {
-    child: Option<Child>,
-    identity: String,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-/// Short leases so the failover test takes seconds, not the default 15 s.
-const LEASE: u64 = 6;
-const RENEW: u64 = 4;
-const RETRY: u64 = 1;
-
-impl Cm {
-    fn start(s: &ApiServer, identity: &str) -> Cm {
-        let stdout = s.dir().join(format!("cm-{identity}.stdout"));
-        let stderr = s.dir().join(format!("cm-{identity}.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff-controller-manager"))
-            .arg("--kubeconfig")
-            .arg(&s.kubeconfig)
-            .args(["--identity", identity])
-            .args(["--lease-duration", &LEASE.to_string()])
-            .args(["--renew-deadline", &RENEW.to_string()])
-            .args(["--retry-period", &RETRY.to_string()])
-            .env_remove("KUBECONFIG")
-            .env(
-                "RUST_LOG",
-                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("cm stdout"))
-            .stderr(File::create(&stderr).expect("cm stderr"))
-            .spawn()
-            .expect("spawning skiff-controller-manager");
-        Cm {
-            child: Some(child),
-            identity: identity.into(),
-            stdout,
-            stderr,
-        }
-    }
-
-    fn is_leader(&self) -> bool {
-        std::fs::read_to_string(&self.stdout)
-            .unwrap_or_default()
-            .contains("is the leader")
-    }
-
-    fn wait_leader(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.is_leader() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not become leader within {timeout:?}\n{}",
-                self.identity,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn logs(&self) -> String {
-        let tail = |p: &PathBuf| {
-            let t = std::fs::read_to_string(p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "--- {} stdout ---\n{}\n--- {} stderr (tail) ---\n{}",
-            self.identity,
-            tail(&self.stdout),
-            self.identity,
-            tail(&self.stderr)
-        )
-    }
-
-    /// Waits (bounded) for the process to exit by itself.
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} still running after {timeout:?}\n{}",
-                self.identity,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGKILL by pid: no graceful release, the Lease must expire.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Cm {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[track_caller]
 fn ok(s: &ApiServer, args: &[&str]) -> String {
@@ -203,7 +89,7 @@ fn uid(s: &ApiServer, args: &[&str]) -> String {
 #[test]
 fn replicaset_scaling_adoption_and_deletion_modes() {
     let s = ApiServer::start(Backend::Embedded);
-    let cm = Cm::start(&s, "cm-0");
+    let cm = Component::controller_manager(&s, "cm-0");
     cm.wait_leader(WAIT);
 
     // 3 replicas -> 3 pods controlled by the ReplicaSet.
@@ -353,20 +239,18 @@ fn replicaset_scaling_adoption_and_deletion_modes() {
     });
     assert!(pods(&s, "default", "fg").is_empty());
 
-    // Two levels, Deployment -> ReplicaSet -> Pods (the ownerReference is written by
-    // hand; no Deployment controller yet). Foreground deletion of the Deployment
-    // deletes the ReplicaSet in the foreground too, so when kubectl sees the
-    // Deployment gone, the pods are already gone.
+    // Two levels, Deployment -> ReplicaSet -> Pods (made by the Deployment controller).
+    // Foreground deletion of the Deployment deletes the ReplicaSet in the foreground
+    // too, so when kubectl sees the Deployment gone, the pods are already gone.
     apply(&s, "d.yaml", DEPLOYMENT);
-    let d_uid = uid(&s, &["get", "deployment", "d"]);
-    let child = replicaset("child", "default", 2).replace(
-        "  namespace: default\n",
-        &format!(
-            "  namespace: default\n  ownerReferences:\n  - apiVersion: apps/v1\n    kind: Deployment\n    name: d\n    uid: {d_uid}\n    controller: true\n    blockOwnerDeletion: true\n"
-        ),
-    );
-    apply(&s, "child.yaml", &child);
-    wait_pod_count(&s, "default", "child", 2);
+    wait_pod_count(&s, "default", "d", 2);
+    let rs_of_d = || {
+        json(&s, &["get", "rs", "-l", "app=d"])["items"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    assert_eq!(rs_of_d(), 1);
     ok(
         &s,
         &[
@@ -378,12 +262,9 @@ fn replicaset_scaling_adoption_and_deletion_modes() {
         ],
     );
     assert!(!exists(&s, &["get", "deployment", "d"]));
+    assert_eq!(rs_of_d(), 0, "ReplicaSet outlived its Deployment");
     assert!(
-        !exists(&s, &["get", "rs", "child"]),
-        "ReplicaSet outlived its Deployment"
-    );
-    assert!(
-        pods(&s, "default", "child").is_empty(),
+        pods(&s, "default", "d").is_empty(),
         "pods outlived their Deployment"
     );
     drop(cm);
@@ -430,7 +311,7 @@ stringData:
 #[test]
 fn namespace_deletion_and_default_serviceaccount() {
     let s = ApiServer::start(Backend::Embedded);
-    let cm = Cm::start(&s, "cm-0");
+    let cm = Component::controller_manager(&s, "cm-0");
     cm.wait_leader(WAIT);
 
     // (apply, not `kubectl create`: that one sends protobuf, which the apiserver does
@@ -523,8 +404,8 @@ fn namespace_deletion_and_default_serviceaccount() {
 #[test]
 fn leader_election_failover_without_double_action() {
     let mut s = ApiServer::start(Backend::Embedded);
-    let mut a = Cm::start(&s, "cm-a");
-    let mut b = Cm::start(&s, "cm-b");
+    let mut a = Component::controller_manager(&s, "cm-a");
+    let mut b = Component::controller_manager(&s, "cm-b");
     let lease = |s: &ApiServer| {
         json(
             s,
@@ -631,9 +512,9 @@ fn leader_election_failover_without_double_action() {
 #[test]
 fn graceful_shutdown_hands_the_lease_over_at_once() {
     let s = ApiServer::start(Backend::Embedded);
-    let mut a = Cm::start(&s, "cm-a");
+    let mut a = Component::controller_manager(&s, "cm-a");
     a.wait_leader(WAIT);
-    let b = Cm::start(&s, "cm-b");
+    let b = Component::controller_manager(&s, "cm-b");
     std::thread::sleep(Duration::from_secs(2 * RETRY));
     assert!(!b.is_leader());
     // SIGTERM: the leader releases the Lease, so the standby need not wait for expiry.

@@ -9,13 +9,22 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// (name, cargo package, bench target, what it measures)
-const BENCHES: &[(&str, &str, &str, &str)] = &[(
-    "api",
-    "skiff-control",
-    "api",
-    "apiserver create/list/watch fan-out, embedded store vs etcd \
-     (args: --quick, --objects N, --updates M, --watchers W)",
-)];
+const BENCHES: &[(&str, &str, &str, &str)] = &[
+    (
+        "api",
+        "skiff-control",
+        "api",
+        "apiserver create/list/watch fan-out, embedded store vs etcd \
+         (args: --quick, --objects N, --updates M, --watchers W)",
+    ),
+    (
+        "scheduler",
+        "skiff-control",
+        "scheduler",
+        "pods bound per second and Deployment-to-Ready time on hollow nodes \
+         (args: --pods N (1000), --nodes M (100))",
+    ),
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {
@@ -45,7 +54,7 @@ pub fn run(args: &[String]) -> Result<()> {
 fn available() -> String {
     let mut out = String::from("available benches:");
     for (name, _, _, about) in BENCHES {
-        out.push_str(&format!("\n  {name:<6} {about}"));
+        out.push_str(&format!("\n  {name:<10} {about}"));
     }
     out
 }

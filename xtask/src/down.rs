@@ -33,7 +33,13 @@ fn stop(name: &str, pid: u32) {
 
 pub fn run(args: &Args) -> Result<()> {
     // The apiserver first, so it does not log storage errors while etcd goes away.
-    for name in ["controller-manager", "apiserver", "etcd"] {
+    for name in [
+        "hollow-nodes",
+        "scheduler",
+        "controller-manager",
+        "apiserver",
+        "etcd",
+    ] {
         if let Some(pid) = running_pid(name) {
             stop(name, pid);
         }

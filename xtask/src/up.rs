@@ -22,6 +22,10 @@ pub struct Args {
     /// Do not apply manifests/sample-app.yaml.
     #[arg(long)]
     pub no_sample: bool,
+    /// Hollow nodes to register (kubemark-style: the API behaviour of a kubelet, no
+    /// containers) until skiff-agent joins real nodes.
+    #[arg(long, default_value_t = 3)]
+    pub hollow_nodes: usize,
 }
 
 /// Where `up` keeps state, logs and pid files (removed by `down`).
@@ -95,7 +99,7 @@ pub fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
 
-    println!("[up] building skiff-apiserver and skiff-controller-manager");
+    println!("[up] building the control plane");
     util::run_cmd(
         "cargo build",
         util::cargo().args([
@@ -107,6 +111,10 @@ pub fn run(args: &Args) -> Result<()> {
             "skiff-apiserver",
             "--bin",
             "skiff-controller-manager",
+            "--bin",
+            "skiff-scheduler",
+            "--bin",
+            "skiff-hollow-nodes",
         ]),
     )?;
     let bin = util::root().join("target/debug/skiff-apiserver");
@@ -137,19 +145,36 @@ pub fn run(args: &Args) -> Result<()> {
         .map(PathBuf::from)
         .context("apiserver log has no kubeconfig line")?;
 
-    // The controller-manager exits when it loses its Lease (e.g. the apiserver restarted);
-    // a small shell loop is its supervisor. `down` stops the whole process group.
-    println!("[up] starting the controller-manager");
-    let cm = util::root().join("target/debug/skiff-controller-manager");
-    spawn_daemon(
-        "controller-manager",
-        Command::new("sh").args([
-            "-c",
-            "while :; do \"$0\" --kubeconfig \"$1\"; sleep 1; done",
-            &cm.to_string_lossy(),
-            &kubeconfig.to_string_lossy(),
-        ]),
-    )?;
+    // The controller-manager and scheduler exit when they lose their Lease (e.g. the
+    // apiserver restarted); a small shell loop is each one's supervisor. `down` stops
+    // the whole process group.
+    for component in ["controller-manager", "scheduler"] {
+        println!("[up] starting the {component}");
+        let bin = util::root().join(format!("target/debug/skiff-{component}"));
+        spawn_daemon(
+            component,
+            Command::new("sh").args([
+                "-c",
+                "while :; do \"$0\" --kubeconfig \"$1\"; sleep 1; done",
+                &bin.to_string_lossy(),
+                &kubeconfig.to_string_lossy(),
+            ]),
+        )?;
+    }
+    if args.hollow_nodes > 0 {
+        println!(
+            "[up] registering {} hollow nodes (no containers run on them)",
+            args.hollow_nodes
+        );
+        let pid = spawn_daemon(
+            "hollow-nodes",
+            Command::new(util::root().join("target/debug/skiff-hollow-nodes"))
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["--count", &args.hollow_nodes.to_string()]),
+        )?;
+        wait_for_log("hollow-nodes", pid, "running", Duration::from_secs(60))?;
+    }
 
     if !args.no_sample {
         let manifest = util::root().join("manifests/sample-app.yaml");

@@ -237,8 +237,17 @@ pub fn is_dns1123_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Kubernetes' IsDNS1123Subdomain: the regex bounds the whole name (253), not each
+/// dot-separated part.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(part_ok)
 }
 
 fn is_dns1035_label(s: &str) -> bool {
@@ -687,6 +696,8 @@ mod tests {
         assert!(!is_dns1123_label("Web"));
         assert!(!is_dns1123_label("-a"));
         assert!(is_dns1123_subdomain("a.b-c"));
+        assert!(is_dns1123_subdomain(&"x".repeat(250)));
+        assert!(!is_dns1123_subdomain(&"x".repeat(254)));
         assert!(!is_dns1123_subdomain("a..b"));
         assert!(is_dns1035_label("a1"));
         assert!(!is_dns1035_label("1a"));

@@ -154,6 +154,11 @@ pub async fn run_all(client: Client, cfg: ControllerConfig) {
     }
 }
 
+/// The first `max` bytes of a name (names are ASCII).
+fn truncate(s: &str, max: usize) -> &str {
+    s.get(..max).unwrap_or(s)
+}
+
 /// The current time in the apiserver's type.
 pub fn now() -> Time {
     Time(now_timestamp())
@@ -185,8 +190,13 @@ pub async fn record_event<K>(
     let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let ev = Event {
         metadata: ObjectMeta {
-            // Kubernetes names events <object>.<hex timestamp>.
-            name: Some(format!("{}.{:x}", obj.name_any(), nanos)),
+            // Kubernetes names events <object>.<hex timestamp>; the object part is cut
+            // so a long object name still gives a valid (<= 253) event name.
+            name: Some(format!(
+                "{}.{:x}",
+                truncate(&obj.name_any(), 253 - 17),
+                nanos
+            )),
             namespace: Some(ns.clone()),
             ..Default::default()
         },

@@ -71,10 +71,6 @@ fn error_policy(rs: Arc<ReplicaSet>, err: &Error, ctx: Arc<Ctx>) -> Action {
     Action::requeue(wait)
 }
 
-
-
-
-
 /// Deletion order as Kubernetes ranks it: unscheduled before scheduled, pending before
 /// running, not ready before ready, then the newest first.
 fn deletion_rank(p: &Pod) -> (bool, u8, bool, std::cmp::Reverse<Option<i64>>) {
@@ -244,7 +240,29 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
         return Err(Error::Other(msg));
     }
     ctx.backoff.succeeded(&key);
-    Ok(Action::await_change())
+    // A ready pod becomes available minReadySeconds later with no event to say so:
+    // look again then.
+    Ok(match next_available_in(&rs, &active) {
+        Some(wait) => Action::requeue(wait),
+        None => Action::await_change(),
+    })
+}
+
+/// How long until the next ready-but-not-yet-available pod passes minReadySeconds.
+fn next_available_in(rs: &ReplicaSet, active: &[Pod]) -> Option<Duration> {
+    let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
+    if min_ready <= 0 {
+        return None;
+    }
+    let now = super::now_timestamp().as_second();
+    active
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(ready_since)
+        .map(|t| t.as_second() + i64::from(min_ready) - now)
+        .filter(|left| *left >= 0)
+        .min()
+        .map(|left| Duration::from_secs(left as u64 + 1))
 }
 
 /// Adds the ReplicaSet as controller of an orphan. The resourceVersion in the patch makes

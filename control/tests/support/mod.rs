@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use skiff_control::storage::etcd_process::EtcdProcess;
 
+pub mod cluster;
+
 /// How long the apiserver may take to print its two startup lines.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound for one kubectl invocation.
@@ -431,6 +433,132 @@ impl Drop for ApiServer {
 }
 
 // ---- processes ----
+
+/// A control-plane component process (skiff-controller-manager, skiff-scheduler) with
+/// short leader-election timings; Drop kills it by pid.
+pub struct Component {
+    pub child: Option<Child>,
+    pub identity: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+/// Short leases so the failover test takes seconds, not the default 15 s.
+pub const LEASE: u64 = 6;
+pub const RENEW: u64 = 4;
+pub const RETRY: u64 = 1;
+
+impl Component {
+    pub fn controller_manager(s: &ApiServer, identity: &str) -> Component {
+        Self::start(
+            s,
+            env!("CARGO_BIN_EXE_skiff-controller-manager"),
+            identity,
+            &[],
+        )
+    }
+
+    pub fn scheduler(s: &ApiServer, identity: &str) -> Component {
+        Self::start(s, env!("CARGO_BIN_EXE_skiff-scheduler"), identity, &[])
+    }
+
+    pub fn start(s: &ApiServer, binary: &str, identity: &str, extra: &[&str]) -> Component {
+        let stdout = s.dir().join(format!("{identity}.stdout"));
+        let stderr = s.dir().join(format!("{identity}.stderr"));
+        let child = Command::new(binary)
+            .arg("--kubeconfig")
+            .arg(&s.kubeconfig)
+            .args(["--identity", identity])
+            .args(["--lease-duration", &LEASE.to_string()])
+            .args(["--renew-deadline", &RENEW.to_string()])
+            .args(["--retry-period", &RETRY.to_string()])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .env(
+                "RUST_LOG",
+                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("cm stdout"))
+            .stderr(File::create(&stderr).expect("cm stderr"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {binary}: {e}"));
+        Component {
+            child: Some(child),
+            identity: identity.into(),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        std::fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .contains("is the leader")
+    }
+
+    pub fn wait_leader(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.is_leader() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become leader within {timeout:?}\n{}",
+                self.identity,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let tail = |p: &PathBuf| {
+            let t = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr (tail) ---\n{}",
+            self.identity,
+            tail(&self.stdout),
+            self.identity,
+            tail(&self.stderr)
+        )
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}\n{}",
+                self.identity,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL by pid: no graceful release, the Lease must expire.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// Runs `cmd` to completion, killing it (by pid) after `timeout`.
 pub fn run_bounded(mut cmd: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
