@@ -1,9 +1,14 @@
 //! Embedded backend: one redb file.
 //!
 //! Where the data lives: table `kv` maps a key to `(value, create_revision, mod_revision)`;
-//! table `meta` holds the global revision under `"revision"`. Every write runs in one redb
-//! write transaction that updates the key *and* the revision and commits durably
+//! table `meta` holds the global revision under `"revision"`. Writes commit durably
 //! (`Durability::Immediate`), so an acknowledged write survives a crash or restart.
+//!
+//! Group commit: the fsync is the cost of a write, so concurrent writers share one. A
+//! writer queues its operation and takes the writer lock; whoever holds the lock drains
+//! the whole queue into one redb transaction (each operation checked and applied in
+//! order, each with its own revision), commits once and hands every waiter its result.
+//! A writer whose operation was already committed by an earlier holder just returns.
 //!
 //! Revisions follow etcd: an empty store is at revision 1 and the first write gets 2.
 //! Every write (create, update, delete) bumps the revision by exactly one.
@@ -46,9 +51,11 @@ pub struct EmbeddedStore {
 
 struct Inner {
     db: Database,
-    /// Serialises writers from `begin_write` to the broadcast, so history order ==
+    /// Serialises committers from `begin_write` to the broadcast, so history order ==
     /// revision order. Watchers never take it (they must not wait for an fsync).
     writer: Mutex<()>,
+    /// Operations waiting for the next commit.
+    pending: Mutex<Vec<Request>>,
     hub: Mutex<Hub>,
     /// Smallest `after` a watch can start from (shared with watch streams for errors).
     floor: Arc<AtomicI64>,
@@ -66,6 +73,15 @@ enum Op {
     Create(Vec<u8>),
     Update(Vec<u8>, Option<Revision>),
     Delete(Option<Revision>),
+}
+
+type WriteResult = Result<(Revision, Option<KeyValue>)>;
+
+/// One queued write and where its result goes.
+struct Request {
+    key: String,
+    op: Op,
+    result: Arc<Mutex<Option<WriteResult>>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StorageError {
@@ -108,6 +124,7 @@ impl EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 writer: Mutex::new(()),
+                pending: Mutex::new(Vec::new()),
                 hub: Mutex::new(Hub {
                     history: VecDeque::with_capacity(history_len.min(DEFAULT_HISTORY)),
                     capacity: history_len.max(1),
@@ -140,97 +157,88 @@ impl Inner {
         self.hub.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies one write. Returns the new revision and the previous value (if any).
-    fn write(&self, key: &str, op: Op) -> Result<(Revision, Option<KeyValue>)> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut txn = self.db.begin_write().map_err(internal)?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(internal)?;
-        let (revision, prev, event) = {
-            let mut kv = txn.open_table(KV).map_err(internal)?;
-            let mut meta = txn.open_table(META).map_err(internal)?;
-            let current = meta
-                .get(REVISION_KEY)
-                .map_err(internal)?
-                .map(|v| v.value())
-                .unwrap_or(EMPTY_REVISION);
-            let prev = kv.get(key).map_err(internal)?.map(|v| {
-                let (value, create_revision, mod_revision) = v.value();
-                KeyValue {
-                    key: key.to_owned(),
-                    value: value.to_vec(),
-                    create_revision,
-                    mod_revision,
-                }
-            });
-            let check = |expected: Option<Revision>| -> Result<&KeyValue> {
-                let Some(prev) = prev.as_ref() else {
-                    return Err(StorageError::NotFound(key.to_owned()));
-                };
-                match expected {
-                    Some(expected) if expected != prev.mod_revision => {
-                        Err(StorageError::Conflict {
-                            key: key.to_owned(),
-                            expected,
-                            actual: prev.mod_revision,
-                        })
-                    }
-                    _ => Ok(prev),
-                }
-            };
-            let revision = current + 1;
-            let event = match op {
-                Op::Create(value) => {
-                    if prev.is_some() {
-                        return Err(StorageError::AlreadyExists(key.to_owned()));
-                    }
-                    kv.insert(key, (value.as_slice(), revision, revision))
-                        .map_err(internal)?;
-                    WatchEvent {
-                        kind: EventKind::Added,
-                        key: key.to_owned(),
-                        value,
-                        revision,
-                    }
-                }
-                Op::Update(value, expected) => {
-                    let create_revision = check(expected)?.create_revision;
-                    kv.insert(key, (value.as_slice(), create_revision, revision))
-                        .map_err(internal)?;
-                    WatchEvent {
-                        kind: EventKind::Modified,
-                        key: key.to_owned(),
-                        value,
-                        revision,
-                    }
-                }
-                Op::Delete(expected) => {
-                    let last = check(expected)?.value.clone();
-                    kv.remove(key).map_err(internal)?;
-                    WatchEvent {
-                        kind: EventKind::Deleted,
-                        key: key.to_owned(),
-                        value: last,
-                        revision,
-                    }
-                }
-            };
-            meta.insert(REVISION_KEY, revision).map_err(internal)?;
-            (revision, prev, event)
-        };
-        txn.commit().map_err(internal)?;
-
-        // Committed: publish (still holding `writer`, so events go out in revision order).
-        let mut hub = self.hub();
-        if hub.history.len() == hub.capacity
-            && let Some(evicted) = hub.history.pop_front()
-        {
-            self.floor.store(evicted.revision, Ordering::SeqCst);
+    /// Applies one write (in a group commit). Returns the new revision and the previous
+    /// value (if any).
+    fn write(&self, key: &str, op: Op) -> WriteResult {
+        let result = Arc::new(Mutex::new(None));
+        lock(&self.pending).push(Request {
+            key: key.to_owned(),
+            op,
+            result: result.clone(),
+        });
+        let _writer = lock(&self.writer);
+        // An earlier lock holder may have committed ours along with its own.
+        if let Some(r) = lock(&result).take() {
+            return r;
         }
-        hub.history.push_back(event.clone());
-        // No receivers is fine.
-        let _ = hub.tx.send(event);
-        Ok((revision, prev))
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        self.commit_batch(batch);
+        lock(&result)
+            .take()
+            .unwrap_or_else(|| Err(internal("write was not committed")))
+    }
+
+    /// Applies `batch` in one transaction; every request gets its result. An operation
+    /// that fails its check (conflict, missing, exists) changes nothing and does not
+    /// affect the others; a storage error fails the whole batch.
+    fn commit_batch(&self, batch: Vec<Request>) {
+        let mut outcomes: Vec<(Arc<Mutex<Option<WriteResult>>>, WriteResult)> = Vec::new();
+        let mut events: Vec<WatchEvent> = Vec::new();
+        let committed = (|| -> Result<()> {
+            let mut txn = self.db.begin_write().map_err(internal)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(internal)?;
+            {
+                let mut kv = txn.open_table(KV).map_err(internal)?;
+                let mut meta = txn.open_table(META).map_err(internal)?;
+                let mut revision = meta
+                    .get(REVISION_KEY)
+                    .map_err(internal)?
+                    .map(|v| v.value())
+                    .unwrap_or(EMPTY_REVISION);
+                for req in batch {
+                    let r = apply(&mut kv, &req.key, req.op, revision + 1);
+                    let r = match r {
+                        Ok((event, prev)) => {
+                            revision = event.revision;
+                            events.push(event);
+                            Ok((revision, prev))
+                        }
+                        Err(e @ StorageError::Internal(_)) => return Err(e),
+                        Err(e) => Err(e),
+                    };
+                    outcomes.push((req.result, r));
+                }
+                meta.insert(REVISION_KEY, revision).map_err(internal)?;
+            }
+            txn.commit().map_err(internal)
+        })();
+        if let Err(e) = committed {
+            // Nothing was written: every queued request (including ones not yet
+            // reached) learns why.
+            let msg = e.to_string();
+            for (slot, _) in outcomes {
+                *lock(&slot) = Some(Err(StorageError::Internal(msg.clone())));
+            }
+            return;
+        }
+        // Committed: publish (still holding `writer`, so events go out in revision order).
+        {
+            let mut hub = self.hub();
+            for event in events {
+                if hub.history.len() == hub.capacity
+                    && let Some(evicted) = hub.history.pop_front()
+                {
+                    self.floor.store(evicted.revision, Ordering::SeqCst);
+                }
+                hub.history.push_back(event.clone());
+                // No receivers is fine.
+                let _ = hub.tx.send(event);
+            }
+        }
+        for (slot, r) in outcomes {
+            *lock(&slot) = Some(r);
+        }
     }
 
     fn revision(txn: &redb::ReadTransaction) -> Result<Revision> {
@@ -241,6 +249,78 @@ impl Inner {
             .map(|v| v.value())
             .unwrap_or(EMPTY_REVISION))
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Checks and applies one operation at `revision` inside a write transaction.
+fn apply(
+    kv: &mut redb::Table<&str, (&[u8], i64, i64)>,
+    key: &str,
+    op: Op,
+    revision: Revision,
+) -> Result<(WatchEvent, Option<KeyValue>)> {
+    let prev = kv.get(key).map_err(internal)?.map(|v| {
+        let (value, create_revision, mod_revision) = v.value();
+        KeyValue {
+            key: key.to_owned(),
+            value: value.to_vec(),
+            create_revision,
+            mod_revision,
+        }
+    });
+    let check = |expected: Option<Revision>| -> Result<&KeyValue> {
+        let Some(prev) = prev.as_ref() else {
+            return Err(StorageError::NotFound(key.to_owned()));
+        };
+        match expected {
+            Some(expected) if expected != prev.mod_revision => Err(StorageError::Conflict {
+                key: key.to_owned(),
+                expected,
+                actual: prev.mod_revision,
+            }),
+            _ => Ok(prev),
+        }
+    };
+    let event = match op {
+        Op::Create(value) => {
+            if prev.is_some() {
+                return Err(StorageError::AlreadyExists(key.to_owned()));
+            }
+            kv.insert(key, (value.as_slice(), revision, revision))
+                .map_err(internal)?;
+            WatchEvent {
+                kind: EventKind::Added,
+                key: key.to_owned(),
+                value,
+                revision,
+            }
+        }
+        Op::Update(value, expected) => {
+            let create_revision = check(expected)?.create_revision;
+            kv.insert(key, (value.as_slice(), create_revision, revision))
+                .map_err(internal)?;
+            WatchEvent {
+                kind: EventKind::Modified,
+                key: key.to_owned(),
+                value,
+                revision,
+            }
+        }
+        Op::Delete(expected) => {
+            let last = check(expected)?.value.clone();
+            kv.remove(key).map_err(internal)?;
+            WatchEvent {
+                kind: EventKind::Deleted,
+                key: key.to_owned(),
+                value: last,
+                revision,
+            }
+        }
+    };
+    Ok((event, prev))
 }
 
 fn prefix_range<'a>(
