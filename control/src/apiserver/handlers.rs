@@ -18,7 +18,7 @@ use super::status::{ApiError, ApiResult};
 use super::table::{self, IncludeObject};
 use super::tls::{CertIdentity, UserInfo};
 use super::validation::FieldValidation;
-use super::{AppState, discovery, openapi, patch};
+use super::{AppState, discovery, openapi, patch, proxy};
 
 /// Largest request body accepted, as kube-apiserver's limit.
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -115,7 +115,7 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
 }
 
 async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/').to_string();
     let query = Query::parse(parts.uri.query());
     let accept = parts
@@ -235,6 +235,22 @@ async fn route(state: Arc<AppState>, req: Request) -> ApiResult<Response> {
         return Err(not_found_path());
     }
     let ns = if r.namespaced { ns } else { None };
+    // pods/log and pods/exec: proxied to the pod's kubelet (proxy.rs).
+    if let (Some(n), Some(s @ ("log" | "exec"))) = (name, sub)
+        && r.kind == "Pod"
+        && rest.len() <= 5
+    {
+        let ns = ns.unwrap_or("default");
+        return match (s, &parts.method) {
+            ("log", &Method::GET) => proxy::pod_log(&state, r, ns, n, &query.0).await,
+            ("exec", &Method::GET | &Method::POST) => {
+                proxy::pod_exec(&state, r, ns, n, &query.0, &mut parts).await
+            }
+            _ => Err(ApiError::method_not_allowed(
+                "the server does not allow this method on the requested resource",
+            )),
+        };
+    }
     let body = read_body(body).await?;
     let opts = write_options(&query, &parts.headers)?;
     let ctx = Ctx {

@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
+pub mod proxy;
 pub mod registry;
 pub mod resources;
 pub mod selectors;

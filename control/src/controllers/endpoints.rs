@@ -194,10 +194,28 @@ impl Membership {
     }
 }
 
-/// Lists the pods a Service selects (server-side label selector).
-pub async fn selected_pods(client: &Client, svc: &Service, query: &str) -> Result<Vec<Pod>> {
+/// The pods backing `svc` now (listed with its selector, server-side), recorded in
+/// `membership`. None for a Service this controller leaves alone: no selector (its
+/// endpoints are managed by hand) or being deleted.
+pub async fn current_backends(
+    client: &Client,
+    membership: &Membership,
+    svc: &Service,
+) -> Result<Option<Vec<Backend>>> {
+    let Some(query) = selector_query(svc) else {
+        return Ok(None);
+    };
+    if svc.metadata.deletion_timestamp.is_some() {
+        return Ok(None);
+    }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default());
-    Ok(pods.list(&ListParams::default().labels(query)).await?.items)
+    let pods = pods
+        .list(&ListParams::default().labels(&query))
+        .await?
+        .items;
+    let backends = backends(svc, &pods);
+    membership.record(svc, backends.iter().map(|b| b.pod_uid.clone()));
+    Ok(Some(backends))
 }
 
 pub struct Ctx {
@@ -295,18 +313,10 @@ pub fn subsets(svc: &Service, backends: &[Backend]) -> Vec<EndpointSubset> {
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
     let key = key_of(svc.as_ref());
-    let Some(query) = selector_query(&svc) else {
-        // No selector: the user manages this Service's Endpoints.
+    let Some(backends) = current_backends(&ctx.client, &ctx.membership, &svc).await? else {
         return Ok(Action::await_change());
     };
-    if svc.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
     let ns = svc.namespace().unwrap_or_default();
-    let pods = selected_pods(&ctx.client, &svc, &query).await?;
-    let backends = backends(&svc, &pods);
-    ctx.membership
-        .record(&svc, backends.iter().map(|b| b.pod_uid.clone()));
     let subsets = subsets(&svc, &backends);
 
     let api: Api<Endpoints> = Api::namespaced(ctx.client.clone(), &ns);

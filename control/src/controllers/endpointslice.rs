@@ -20,9 +20,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
-use super::endpoints::{
-    Backend, Membership, ResolvedPort, backends, selected_pods, selector_query,
-};
+use super::endpoints::{Backend, Membership, ResolvedPort, current_backends};
 use super::{Backoff, ControllerConfig, Error, Result, done_unless_error, key_of};
 
 const COMPONENT: &str = "endpointslice-controller";
@@ -113,17 +111,10 @@ pub fn desired_slices(backends: &[Backend]) -> Vec<SliceContent> {
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
     let key = key_of(svc.as_ref());
-    let Some(query) = selector_query(&svc) else {
+    let Some(backends) = current_backends(&ctx.client, &ctx.membership, &svc).await? else {
         return Ok(Action::await_change());
     };
-    if svc.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
     let ns = svc.namespace().unwrap_or_default();
-    let pods = selected_pods(&ctx.client, &svc, &query).await?;
-    let backends = backends(&svc, &pods);
-    ctx.membership
-        .record(&svc, backends.iter().map(|b| b.pod_uid.clone()));
     let mut desired = desired_slices(&backends);
     // A Service with no backends still gets one empty slice (what proxies read as "no
     // endpoints", as Kubernetes does), carrying the Service's ports.

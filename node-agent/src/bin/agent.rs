@@ -1,0 +1,90 @@
+//! skiff-agent: the node agent. So far the kubelet: registers the Node, renews its Lease,
+//! runs the pods bound to it on containerd (see skiff_agent::kubelet).
+//!
+//! `skiff-agent --node-name N --kubeconfig K --containerd-address SOCK [--root-dir DIR]
+//!  [--insecure-registry 127.0.0.1:PORT ...] [--node-ip IP] [--port 10250]
+//!  [--bind-address IP]` (as root). Serves the kubelet API (logs, exec) over HTTPS. Prints
+//! "skiff-agent <node> ready" on stdout once the Node is registered.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use skiff_agent::kubelet::agent::{self, AgentConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "skiff-agent", version, about = "skiff node agent (kubelet)")]
+struct Args {
+    /// Name of this node.
+    #[arg(long)]
+    node_name: String,
+    /// Kubeconfig to reach the apiserver (default: $KUBECONFIG, then in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd_address: PathBuf,
+    /// State directory (IP allocations, pod files, container logs); default
+    /// /var/lib/skiff/agent/<node>.
+    #[arg(long)]
+    root_dir: Option<PathBuf>,
+    /// Registries reached over plain http (repeatable), e.g. 127.0.0.1:5000.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// The node's InternalIP (also the pods' hostIP).
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    node_ip: Ipv4Addr,
+    /// Seconds between Lease renewals.
+    #[arg(long, default_value_t = 10)]
+    node_lease_renew_interval: u64,
+    /// leaseDurationSeconds written into the Lease.
+    #[arg(long, default_value_t = 40)]
+    node_lease_duration_seconds: i32,
+    /// Seconds between syncs of a pod without events.
+    #[arg(long, default_value_t = 5)]
+    sync_frequency: u64,
+    /// Port of the kubelet API (containerLogs, exec) the apiserver proxies to; 0 = any free
+    /// port (published in the Node's status.daemonEndpoints.kubeletEndpoint.Port).
+    #[arg(long, default_value_t = 10250)]
+    port: u16,
+    /// Address the kubelet API listens on (default: the node IP).
+    #[arg(long)]
+    bind_address: Option<std::net::IpAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    if !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!("skiff-agent must run as root (network namespaces, cgroups, containerd)");
+    }
+    let mut cfg = AgentConfig::new(&a.node_name, a.containerd_address);
+    cfg.kubeconfig = a.kubeconfig;
+    if let Some(d) = a.root_dir {
+        cfg.root_dir = d;
+    }
+    cfg.insecure_registries = a.insecure_registries;
+    cfg.node_ip = a.node_ip;
+    cfg.lease_renew_interval = Duration::from_secs(a.node_lease_renew_interval.max(1));
+    cfg.lease_duration_seconds = a.node_lease_duration_seconds.max(1);
+    cfg.resync = Duration::from_secs(a.sync_frequency.max(1));
+    cfg.port = a.port;
+    cfg.bind_address = a.bind_address;
+    let node = cfg.node_name.clone();
+    let run = agent::run(cfg, move || {
+        use std::io::Write;
+        println!("skiff-agent {node} ready");
+        let _ = std::io::stdout().flush();
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = run => r,
+        _ = term.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,29 @@
+//! kubelet: runs the pods bound to this node.
+//!
+//! - [`agent`]: the main loop: watch this node's pods, one worker per pod, adoption of
+//!   running containers and cleanup of vanished pods at start.
+//! - [`node`]: Node registration, Lease heartbeat, Ready condition from containerd's health.
+//! - [`pod_worker`]: one pod, level-triggered: network, init and app containers,
+//!   restarts with backoff, probes, status, graceful deletion.
+//! - [`pod_status`]: phase and restart rules, quantities.
+//! - [`network`]: per-pod netns + veth + /32 from the node's podCIDR (`ip` commands).
+//! - [`env`]: container environment (valueFrom, envFrom, `$(VAR)` expansion).
+//! - [`probes`]: httpGet/tcpSocket/exec probes.
+//! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
+//!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
+//!   shim, status, stop, delete, list for adoption.
+//! - [`server`]: the kubelet's HTTPS API (containerLogs, exec) the apiserver proxies to.
+//! - [`containerd_process`]: a private containerd daemon (tests, `cargo xtask up`).
+//! - [`test_images`]: a local registry and tiny OCI images built from busybox-static.
+
+pub mod agent;
+pub mod containerd_process;
+pub mod env;
+pub mod network;
+pub mod node;
+pub mod pod_status;
+pub mod pod_worker;
+pub mod probes;
+pub mod runtime;
+pub mod server;
+pub mod test_images;

@@ -1,0 +1,1345 @@
+//! The kubelet end to end: a real control plane (skiff-apiserver, -controller-manager,
+//! -scheduler processes), one containerd, a local registry with the busybox image, and two
+//! skiff-agent processes (nodes agent-1 and agent-2, each with its own containerd namespace
+//! and cgroup parent /skiff/<node>), driven with the real kubectl.
+//!
+//! Binaries: this test runs the ones next to its own executable (target/<profile>/). They
+//! are not built here: run `cargo build -p skiff-agent -p skiff-control --bins` first
+//! (`cargo xtask test` does); a missing binary fails the test with that message.
+//!
+//! Needs root and the packages of `cargo xtask setup` (containerd, runc, docker-registry,
+//! busybox-static, iproute2, kubectl); CI runs as root, so it fails rather than skips.
+//! Everything it creates (processes, netns, veths, cgroups, files under
+//! /tmp/skiff-ke-<pid>) is removed by Drop guards, by pid and by name, also on failure.
+//! Network traffic goes only to 127.0.0.1 and to pod IPs in the namespaces the agents made.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::{self, File},
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use skiff_agent::kubelet::{
+    containerd_process::{ContainerdProcess, unmount_under},
+    network::{Ipv4Net, PodNetworks, VETH_PREFIX, netns_name, veth_name},
+    runtime::{ContainerState, Runtime, cgroup_dirs, remove_cgroup_tree},
+    test_images::{LocalRegistry, busybox_image},
+};
+
+const NODES: [&str; 2] = ["agent-1", "agent-2"];
+const KUBECTL: &str = "/usr/bin/kubectl";
+
+/// Target dir of this build (target/debug): the test executable is in target/debug/deps.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build -p skiff-agent -p skiff-control --bins` before this test",
+        p.display()
+    );
+    p
+}
+
+/// A process stopped by pid on drop (SIGTERM, then SIGKILL).
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
+        let stdout = dir.join(format!("{name}.stdout"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = cmd
+            .env_remove("KUBECONFIG")
+            .env(
+                "RUST_LOG",
+                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("stdout file"))
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    fn out(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        let tail = |p: &Path| {
+            let t = fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr (tail) ---\n{}",
+            self.name,
+            tail(&self.stdout),
+            self.name,
+            tail(&self.stderr)
+        )
+    }
+
+    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.out();
+            if out.contains(needle) {
+                return out;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} exited with {st} before printing {needle:?}\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}\n{}",
+                self.name,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Removes what the agents made outside the test directory: pod networks (from the
+/// agents' IP allocation files), cgroups, and the test directory itself. Declared
+/// first so it drops last.
+struct Cleanup {
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // SKIFF_TEST_KEEP_LOGS=<dir>: keep the processes' logs.
+        if let Some(keep) = std::env::var_os("SKIFF_TEST_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = fs::create_dir_all(&keep);
+            for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.ends_with(".stdout") || n.ends_with(".stderr") {
+                    let _ = fs::copy(e.path(), keep.join(&n));
+                }
+            }
+        }
+        for node in NODES {
+            let root = self.dir.join(node);
+            if let Ok(nets) = PodNetworks::new(&root, std::net::Ipv4Addr::LOCALHOST) {
+                for (_, uid) in nets.allocations() {
+                    let _ = nets.teardown(&uid);
+                }
+            }
+            let _ = remove_cgroup_tree(&format!("/skiff/{node}"));
+        }
+        for d in cgroup_dirs("/skiff") {
+            let _ = fs::remove_dir(d);
+        }
+        unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `cmd`, killing it (by pid) after `timeout`.
+fn run_bounded(mut cmd: Command, input: Option<&str>, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {desc}: {e}"));
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_string();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{desc} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn kubectl_out(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut cmd = Command::new(KUBECTL);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubecache"))
+            .env_remove("KUBECONFIG")
+            .args(args);
+        run_bounded(cmd, input, Duration::from_secs(60))
+    }
+
+    #[track_caller]
+    fn kubectl(&self, args: &[&str]) -> String {
+        let o = self.kubectl_out(args, None);
+        assert!(
+            o.status.success(),
+            "kubectl {}: {}\n{}{}",
+            args.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    #[track_caller]
+    fn apply(&self, manifest: &str) {
+        let o = self.kubectl_out(&["apply", "-f", "-"], Some(manifest));
+        assert!(
+            o.status.success(),
+            "kubectl apply: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.kubectl(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("kubectl {a:?}: bad JSON ({e}):\n{out}"))
+    }
+
+    fn items(&self, args: &[&str]) -> Vec<Value> {
+        self.json(args)["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn is_ready(p: &Value) -> bool {
+    p["metadata"]["deletionTimestamp"].is_null()
+        && p["status"]["phase"] == "Running"
+        && p["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+fn container_id(p: &Value) -> String {
+    p["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("containerd://")
+        .to_string()
+}
+
+fn restart_count(p: &Value) -> i64 {
+    p["status"]["containerStatuses"][0]["restartCount"]
+        .as_i64()
+        .unwrap_or(-1)
+}
+
+/// GET http://<ip>:8080/ from the root netns (a bounded HTTP/1.0 client; Debian's
+/// static busybox wget crashes on some hosts). Returns the body of a 200 answer.
+fn fetch(ip: &str) -> Result<String, String> {
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().map_err(|e| format!("{e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut buf = Vec::new();
+    s.take(1 << 20)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("bad answer: {text:?}"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("answer: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+fn netns_list() -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn veth_list() -> Vec<String> {
+    fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(VETH_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn misc_pods(image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{greeting: hello}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: crash}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: c, image: "{image}", command: ["sh", "-c", "exit 3"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: job}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {{name: data, emptyDir: {{}}}}
+  initContainers:
+  - name: init
+    image: "{image}"
+    command: ["sh", "-c", "echo init-was-here > /data/x"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sh", "-c"]
+    args: ["test \"$GREETING-$PASSWORD-$(cat /data/x)-$ME\" = \"hello-s3cret-init-was-here-job\" && test \"$(cat /etc/hostname)\" = job"]
+    workingDir: /data
+    volumeMounts: [{{name: data, mountPath: /data}}]
+    env:
+    - name: GREETING
+      valueFrom: {{configMapKeyRef: {{name: settings, key: greeting}}}}
+    - name: PASSWORD
+      valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+    - name: ME
+      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: fails}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: c, image: "{image}", command: ["sh", "-c", "exit 2"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: unhealthy}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sleep", "3600"]
+    livenessProbe:
+      tcpSocket: {{port: 9999}}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: notready}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["httpd", "-f", "-p", "8080"]
+    readinessProbe:
+      httpGet: {{path: /, port: 9090}}
+      periodSeconds: 1
+"#
+    )
+}
+
+fn deployment(image: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      terminationGracePeriodSeconds: 3
+      containers:
+      - name: httpd
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        command: ["sh", "-c"]
+        args: ["mkdir -p /www && echo \"$POD_NAME on $NODE_NAME\" > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        env:
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        - name: NODE_NAME
+          valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
+        ports:
+        - containerPort: 8080
+          name: http
+        resources:
+          requests: {{cpu: 100m, memory: 32Mi}}
+          limits: {{cpu: 500m, memory: 64Mi}}
+        readinessProbe:
+          httpGet: {{path: /, port: http}}
+          periodSeconds: 1
+        livenessProbe:
+          tcpSocket: {{port: 8080}}
+          periodSeconds: 2
+          failureThreshold: 3
+"#
+    )
+}
+
+/// A 2-container pod whose `main` container fails its first run (instance-1) and then
+/// ticks once a second (instance-2); `side` prints one line.
+fn talker_pod(image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: talker}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {{name: data, emptyDir: {{}}}}
+  containers:
+  - name: main
+    image: "{image}"
+    command: ["sh", "-c"]
+    args:
+    - |
+      n=$(cat /data/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/n
+      echo instance-$n
+      if [ $n = 1 ]; then sleep 1; exit 1; fi
+      i=0; while true; do i=$((i+1)); echo tick-$i; sleep 1; done
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  - name: side
+    image: "{image}"
+    command: ["sh", "-c", "echo side-says-hi; exec sleep 3600"]
+"#
+    )
+}
+
+/// The highest `tick-N` in `s`.
+fn last_tick(s: &str) -> u64 {
+    s.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick-")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `kubectl logs` (plain, -c, --previous, --tail, -f) and `kubectl exec`, proxied by the
+/// apiserver to the kubelet API of the pod's agent.
+fn logs_and_exec(c: &Cluster, image: &str) {
+    c.apply(&talker_pod(image));
+    let t = Instant::now();
+    eventually(
+        "talker restarted once, both containers running",
+        Duration::from_secs(90),
+        || {
+            let p = c.json(&["get", "pod", "talker"]);
+            let running = p["status"]["containerStatuses"]
+                .as_array()
+                .is_some_and(|cs| {
+                    cs.len() == 2 && cs.iter().all(|s| s["state"]["running"].is_object())
+                });
+            let main = p["status"]["containerStatuses"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|s| s["name"] == "main").cloned())
+                .unwrap_or(Value::Null);
+            (running && main["restartCount"] == 1).then_some(())
+        },
+    );
+    println!("talker restarted once after {} ms", t.elapsed().as_millis());
+    // The current instance.
+    let main = eventually("talker ticks", Duration::from_secs(20), || {
+        let out = c.kubectl(&["logs", "talker", "-c", "main"]);
+        (last_tick(&out) >= 2).then_some(out)
+    });
+    assert!(main.starts_with("instance-2\ntick-1\n"), "{main}");
+    assert!(!main.contains("instance-1"), "{main}");
+    // The other container, and the default (first) container without -c.
+    assert_eq!(
+        c.kubectl(&["logs", "talker", "-c", "side"]),
+        "side-says-hi\n"
+    );
+    let dflt = c.kubectl_out(&["logs", "talker"], None);
+    assert!(dflt.status.success());
+    assert!(
+        String::from_utf8_lossy(&dflt.stdout).starts_with("instance-2\n"),
+        "{dflt:?}"
+    );
+    // The previous instance.
+    assert_eq!(
+        c.kubectl(&["logs", "talker", "-c", "main", "--previous"]),
+        "instance-1\n"
+    );
+    let o = c.kubectl_out(&["logs", "talker", "-c", "side", "--previous"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(r#"previous terminated container "side" in pod "talker" not found"#),
+        "{err}"
+    );
+    // --tail.
+    let tail = c.kubectl(&["logs", "talker", "-c", "main", "--tail", "2"]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    assert!(tail.lines().all(|l| l.starts_with("tick-")), "{tail}");
+    // Errors: a container that does not exist, a pod that does not exist.
+    let o = c.kubectl_out(&["logs", "talker", "-c", "nope"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("container nope is not valid for pod talker"),
+        "{err}"
+    );
+    let o = c.kubectl_out(&["logs", "ghost"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(r#"pods "ghost" not found"#),
+        "{err}"
+    );
+    // -f: a line printed after kubectl started arrives; kubectl is then killed by pid.
+    let before = last_tick(&c.kubectl(&["logs", "talker", "-c", "main"]));
+    let mut follow = Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["logs", "-f", "talker", "-c", "main", "--tail", "1"])
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kubectl logs -f");
+    let mut out = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while last_tick(&seen) <= before + 1 && Instant::now() < deadline {
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&s);
+        }
+    }
+    let still_running = follow.try_wait().expect("try_wait").is_none();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        last_tick(&seen) > before + 1,
+        "kubectl logs -f did not stream new lines (last before: tick-{before}): {seen:?}"
+    );
+    assert!(still_running, "kubectl logs -f ended on its own");
+    println!("kubectl logs -f streamed up to tick-{}", last_tick(&seen));
+
+    // --- exec.
+    assert_eq!(
+        c.kubectl(&["exec", "talker", "-c", "main", "--", "cat", "/etc/hostname"]),
+        "talker\n"
+    );
+    let o = c.kubectl_out(
+        &["exec", "talker", "-c", "main", "--", "sh", "-c", "exit 3"],
+        None,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "exec exit code: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = c.kubectl_out(
+        &[
+            "exec",
+            "talker",
+            "-c",
+            "side",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    let o = c.kubectl_out(
+        &["exec", "-i", "talker", "-c", "main", "--", "cat"],
+        Some("from stdin\n"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from stdin\n");
+    c.kubectl(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
+}
+
+#[test]
+fn kubelet_end_to_end() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (CI runs as root)"
+    );
+    for bin in [
+        "/usr/bin/containerd",
+        "/usr/sbin/runc",
+        "/usr/bin/docker-registry",
+        "/bin/busybox",
+        KUBECTL,
+    ] {
+        assert!(
+            Path::new(bin).exists(),
+            "{bin} is missing: run `cargo xtask setup`"
+        );
+    }
+    let apiserver_bin = binary("skiff-apiserver");
+    let cm_bin = binary("skiff-controller-manager");
+    let sched_bin = binary("skiff-scheduler");
+    let agent_bin = binary("skiff-agent");
+
+    let dir = PathBuf::from(format!("/tmp/skiff-ke-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup { dir: dir.clone() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // --- registry with the busybox image, containerd.
+    let registry = LocalRegistry::start(dir.join("registry")).expect("start docker-registry");
+    let image = registry.image_ref("skiff/busybox:1.0");
+    rt.block_on(busybox_image().expect("busybox image").push(&image))
+        .expect("push busybox");
+    let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
+
+    // --- control plane.
+    let mut apiserver = Proc::spawn(
+        "apiserver",
+        &dir,
+        Command::new(&apiserver_bin)
+            .arg("--data-dir")
+            .arg(dir.join("api"))
+            .args(["--bind-address", "127.0.0.1", "--secure-port", "0"]),
+    );
+    let out = apiserver.wait_stdout("kubeconfig: ", Duration::from_secs(30));
+    let kubeconfig = PathBuf::from(
+        out.lines()
+            .find_map(|l| l.strip_prefix("kubeconfig: "))
+            .expect("kubeconfig line")
+            .trim(),
+    );
+    let c = Cluster {
+        dir: dir.clone(),
+        kubeconfig: kubeconfig.clone(),
+    };
+    let component = |name: &str, bin: &Path| {
+        Proc::spawn(
+            name,
+            &dir,
+            Command::new(bin)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["--identity", name])
+                .args([
+                    "--lease-duration",
+                    "6",
+                    "--renew-deadline",
+                    "4",
+                    "--retry-period",
+                    "1",
+                ]),
+        )
+    };
+    let mut cm = component("controller-manager", &cm_bin);
+    let mut sched = component("scheduler", &sched_bin);
+    cm.wait_stdout("is the leader", Duration::from_secs(30));
+    sched.wait_stdout("is the leader", Duration::from_secs(30));
+
+    // --- agents.
+    let start_agent = |node: &str, log: &str| {
+        Proc::spawn(
+            log,
+            &dir,
+            Command::new(&agent_bin)
+                .args(["--node-name", node])
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .arg("--containerd-address")
+                .arg(containerd.socket())
+                .arg("--root-dir")
+                .arg(dir.join(node))
+                .args(["--insecure-registry", &registry.host()])
+                .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
+                // Several agents share 127.0.0.1: any free kubelet API port.
+                .args(["--port", "0"]),
+        )
+    };
+    let mut agents: Vec<Proc> = NODES.iter().map(|n| start_agent(n, n)).collect();
+    for (a, n) in agents.iter_mut().zip(NODES) {
+        a.wait_stdout(&format!("skiff-agent {n} ready"), Duration::from_secs(30));
+    }
+    let dump = |agents: &[Proc]| -> String {
+        agents.iter().map(Proc::logs).collect::<Vec<_>>().join("\n")
+    };
+
+    // Nodes Ready with podCIDRs and the agent's nodeInfo.
+    let cidrs: BTreeMap<String, Ipv4Net> =
+        eventually("nodes Ready with podCIDRs", Duration::from_secs(30), || {
+            let nodes = c.items(&["get", "nodes"]);
+            let mut m = BTreeMap::new();
+            for n in &nodes {
+                let ready = n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                let cidr = n["spec"]["podCIDR"].as_str().and_then(Ipv4Net::parse);
+                if let (true, Some(cidr)) = (ready, cidr) {
+                    m.insert(
+                        n["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        cidr,
+                    );
+                }
+            }
+            (m.len() == NODES.len()).then_some(m)
+        });
+    let node1 = c.json(&["get", "node", "agent-1"]);
+    assert_eq!(
+        node1["status"]["nodeInfo"]["kubeletVersion"],
+        "v1.37.0-skiff"
+    );
+    assert!(
+        node1["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("containerd://1.")),
+        "{}",
+        node1["status"]["nodeInfo"]
+    );
+    assert_eq!(node1["status"]["capacity"]["pods"], "110");
+    let lease = c.json(&["get", "lease", "-n", "kube-node-lease", "agent-1"]);
+    assert_eq!(lease["spec"]["holderIdentity"], "agent-1");
+    println!("nodes: {}", c.kubectl(&["get", "nodes", "-o", "wide"]));
+
+    // --- a 3-replica Deployment.
+    let t = Instant::now();
+    c.apply(&deployment(&image));
+    let pods = eventually(
+        "3 web pods Running and Ready",
+        Duration::from_secs(90),
+        || {
+            let p = c.items(&["get", "pods", "-l", "app=web"]);
+            (p.len() == 3 && p.iter().all(is_ready)).then_some(p)
+        },
+    );
+    let create_to_ready = t.elapsed();
+    println!(
+        "Deployment applied -> 3 pods Running+Ready in {} ms",
+        create_to_ready.as_millis()
+    );
+    let wide = c.kubectl(&["get", "pods", "-o", "wide", "-l", "app=web"]);
+    println!("{wide}");
+    let mut seen_ips = HashSet::new();
+    for p in &pods {
+        let name = p["metadata"]["name"].as_str().unwrap().to_string();
+        let node = p["spec"]["nodeName"].as_str().unwrap().to_string();
+        let ip = p["status"]["podIP"].as_str().unwrap().to_string();
+        let cidr = cidrs
+            .get(&node)
+            .unwrap_or_else(|| panic!("pod {name} on unknown node {node}"));
+        assert!(
+            cidr.contains(ip.parse().unwrap()),
+            "pod {name} IP {ip} not in {node}'s {cidr}"
+        );
+        assert!(seen_ips.insert(ip.clone()), "duplicate pod IP {ip}");
+        assert!(wide.contains(&ip) && wide.contains(&node), "{wide}");
+        assert_eq!(p["status"]["hostIP"], "127.0.0.1");
+        let cs = &p["status"]["containerStatuses"][0];
+        assert_eq!(cs["ready"], true);
+        assert_eq!(cs["started"], true);
+        assert!(cs["state"]["running"]["startedAt"].is_string(), "{cs}");
+        assert!(
+            cs["imageID"]
+                .as_str()
+                .is_some_and(|i| i.contains("@sha256:")),
+            "{cs}"
+        );
+        let conds: Vec<&str> = p["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        for want in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
+            assert!(conds.contains(&want), "{name}: conditions {conds:?}");
+        }
+        // Limits as cgroup limits (memory in v1 or v2, whichever has the controller).
+        let uid = p["metadata"]["uid"].as_str().unwrap();
+        let cg = format!("/skiff/{node}/pod-{uid}/httpd");
+        let read = |f: &str| -> Vec<String> {
+            cgroup_dirs(&cg)
+                .iter()
+                .filter_map(|d| fs::read_to_string(d.join(f)).ok())
+                .map(|s| s.trim().to_string())
+                .collect()
+        };
+        let mem: Vec<String> = read("memory.limit_in_bytes")
+            .into_iter()
+            .chain(read("memory.max"))
+            .collect();
+        assert!(
+            mem.iter().any(|m| m == "67108864"),
+            "{cg}: memory limits {mem:?}"
+        );
+        let cpu: Vec<String> = read("cpu.cfs_quota_us")
+            .into_iter()
+            .chain(read("cpu.max"))
+            .collect();
+        assert!(
+            cpu.iter().any(|c| c == "50000" || c == "50000 100000"),
+            "{cg}: cpu limits {cpu:?}"
+        );
+        // The page from the root netns through the pod's /32 route.
+        let page = fetch(&ip)
+            .unwrap_or_else(|e| panic!("GET http://{ip}:8080/ of {name}: {e}\n{}", dump(&agents)));
+        assert_eq!(page.trim(), format!("{name} on {node}"));
+    }
+
+    // --- kubectl logs and exec through the apiserver to the agents' kubelet API.
+    logs_and_exec(&c, &image);
+
+    // --- a missing image: ErrImagePull, then ImagePullBackOff.
+    let missing = registry.image_ref("skiff/missing:1.0");
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nopull\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: {missing}\n"
+    ));
+    let row = eventually(
+        "nopull in ErrImagePull/ImagePullBackOff",
+        Duration::from_secs(60),
+        || {
+            let out = c.kubectl(&["get", "pod", "nopull"]);
+            (out.contains("ErrImagePull") || out.contains("ImagePullBackOff")).then_some(out)
+        },
+    );
+    println!("{row}");
+    let p = c.json(&["get", "pod", "nopull"]);
+    let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+    assert!(
+        w["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("manifest unknown")
+                || m.contains("MANIFEST_UNKNOWN")
+                || m.contains("404")
+                || m.contains("Back-off pulling image")),
+        "{w}"
+    );
+    eventually(
+        "nopull in ImagePullBackOff",
+        Duration::from_secs(30),
+        || {
+            c.kubectl(&["get", "pod", "nopull"])
+                .contains("ImagePullBackOff")
+                .then_some(())
+        },
+    );
+    let o = c.kubectl_out(&["logs", "nopull"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "logs of a pod that never started: {err}"
+    );
+    assert!(
+        err.contains(r#"container "c" in pod "nopull" is waiting to start"#),
+        "{err}"
+    );
+    let t = Instant::now();
+    c.kubectl(&["delete", "pod", "nopull", "--wait=true", "--timeout=60s"]);
+    println!(
+        "delete of a pod without containers: {} ms",
+        t.elapsed().as_millis()
+    );
+
+    // --- restart policies, CrashLoopBackOff, liveness, readiness, init containers, env.
+    c.apply(&misc_pods(&image));
+    let t = Instant::now();
+    let pod = |name: &str| c.json(&["get", "pod", name]);
+    let st = |p: &Value| p["status"]["containerStatuses"][0].clone();
+    let crash = eventually("crash in CrashLoopBackOff", Duration::from_secs(60), || {
+        let p = pod("crash");
+        (st(&p)["state"]["waiting"]["reason"] == "CrashLoopBackOff").then_some(p)
+    });
+    let cs = st(&crash);
+    println!(
+        "crash: CrashLoopBackOff after {} ms: {}",
+        t.elapsed().as_millis(),
+        cs["state"]["waiting"]["message"]
+    );
+    assert!(cs["restartCount"].as_i64().unwrap_or(0) >= 1, "{cs}");
+    assert_eq!(cs["lastState"]["terminated"]["exitCode"], 3, "{cs}");
+    assert!(
+        c.kubectl(&["get", "pod", "crash"])
+            .contains("CrashLoopBackOff")
+    );
+    let job = eventually("job Succeeded", Duration::from_secs(60), || {
+        let p = pod("job");
+        (p["status"]["phase"] == "Succeeded").then_some(p)
+    });
+    assert_eq!(
+        st(&job)["state"]["terminated"]["reason"],
+        "Completed",
+        "{}",
+        st(&job)
+    );
+    assert_eq!(
+        job["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+        0
+    );
+    let fails = eventually("fails Failed", Duration::from_secs(60), || {
+        let p = pod("fails");
+        (p["status"]["phase"] == "Failed").then_some(p)
+    });
+    assert_eq!(st(&fails)["state"]["terminated"]["exitCode"], 2);
+    assert_eq!(st(&fails)["state"]["terminated"]["reason"], "Error");
+    assert_eq!(st(&fails)["restartCount"], 0);
+    let unhealthy = eventually(
+        "unhealthy restarted by its liveness probe",
+        Duration::from_secs(60),
+        || {
+            let p = pod("unhealthy");
+            (st(&p)["restartCount"].as_i64().unwrap_or(0) >= 1).then_some(p)
+        },
+    );
+    println!(
+        "unhealthy: restarted by liveness after {} ms",
+        t.elapsed().as_millis()
+    );
+    assert!(
+        st(&unhealthy)["lastState"]["terminated"].is_object(),
+        "{}",
+        st(&unhealthy)
+    );
+    let notready = pod("notready");
+    assert_eq!(
+        notready["status"]["phase"], "Running",
+        "{}",
+        notready["status"]
+    );
+    assert_eq!(st(&notready)["ready"], false);
+    assert!(!is_ready(&notready));
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=unhealthy",
+    ]);
+    println!("{events}");
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "crash",
+        "job",
+        "fails",
+        "unhealthy",
+        "notready",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+
+    // --- kill a container's main process: restarted, restartCount 1, lastState.
+    let victim = pods[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let victim_node = pods[0]["spec"]["nodeName"].as_str().unwrap().to_string();
+    let old_id = container_id(&pods[0]);
+    let crt = rt
+        .block_on(Runtime::connect(containerd.socket(), &victim_node))
+        .expect("connect to containerd");
+    let pid = match rt.block_on(crt.status(&old_id)).expect("victim status") {
+        ContainerState::Running { pid } => pid,
+        s => panic!("victim container {old_id} is {s:?}"),
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the container's main process");
+    let t = Instant::now();
+    let p = eventually(
+        "the killed container restarted",
+        Duration::from_secs(60),
+        || {
+            let p = c.json(&["get", "pod", &victim]);
+            (restart_count(&p) == 1 && is_ready(&p)).then_some(p)
+        },
+    );
+    println!(
+        "killed pid {pid} of {victim}: restarted and Ready again in {} ms",
+        t.elapsed().as_millis()
+    );
+    let cs = &p["status"]["containerStatuses"][0];
+    let last = &cs["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 137, "{cs}");
+    assert_eq!(last["reason"], "Error", "{cs}");
+    assert!(last["finishedAt"].is_string(), "{cs}");
+    assert_ne!(container_id(&p), old_id, "a new container");
+    let ip = p["status"]["podIP"].as_str().unwrap().to_string();
+    eventually("the restarted pod serves", Duration::from_secs(10), || {
+        fetch(&ip).ok()
+    });
+
+    // --- agent restart: nothing restarts.
+    let ready_since = |p: &Value| -> String {
+        p["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["lastTransitionTime"].to_string())
+            .unwrap_or_default()
+    };
+    let before: BTreeMap<String, (String, i64, String)> = c
+        .items(&["get", "pods", "-l", "app=web"])
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                (container_id(p), restart_count(p), ready_since(p)),
+            )
+        })
+        .collect();
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+    agents.clear();
+    // While the agents are down, one pod is force-deleted: its containers and network
+    // are orphans the restarted agent must remove (the Deployment makes a new pod).
+    let orphan = c.json(&["get", "pod", &victim]);
+    let orphan_uid = orphan["metadata"]["uid"].as_str().unwrap().to_string();
+    let orphan_node = orphan["spec"]["nodeName"].as_str().unwrap().to_string();
+    let orphan_id = container_id(&orphan);
+    c.kubectl(&["delete", "pod", &victim, "--grace-period=0", "--force"]);
+    let mut agents: Vec<Proc> = NODES
+        .iter()
+        .map(|n| start_agent(n, &format!("{n}-restarted")))
+        .collect();
+    for (a, n) in agents.iter_mut().zip(NODES) {
+        a.wait_stdout(&format!("skiff-agent {n} ready"), Duration::from_secs(30));
+    }
+    // Several syncs and probe periods.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = eventually(
+        "pods Ready after the agent restart",
+        Duration::from_secs(30),
+        || {
+            let p = c.items(&["get", "pods", "-l", "app=web"]);
+            (p.len() == 3 && p.iter().all(is_ready)).then_some(p)
+        },
+    );
+    let mut kept = 0;
+    for p in &after {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let Some((id, restarts, since)) = before.get(name) else {
+            // The force-deleted pod's replacement.
+            assert_ne!(name, victim);
+            continue;
+        };
+        kept += 1;
+        assert_eq!(
+            &container_id(p),
+            id,
+            "{name}: container replaced by the agent restart\n{}",
+            dump(&agents)
+        );
+        assert_eq!(restart_count(p), *restarts, "{name}: restartCount changed");
+        assert_eq!(
+            &ready_since(p),
+            since,
+            "{name}: Ready flapped during the agent restart"
+        );
+        let ip = p["status"]["podIP"].as_str().unwrap();
+        fetch(ip).unwrap_or_else(|e| panic!("{name} after agent restart: {e}"));
+    }
+    assert_eq!(
+        kept, 2,
+        "the two pods that were not deleted keep their containers"
+    );
+    println!(
+        "agent restart: 2 pods kept their containers, the force-deleted one's replacement runs"
+    );
+    let orphan_rt = rt
+        .block_on(Runtime::connect(containerd.socket(), &orphan_node))
+        .expect("connect");
+    eventually(
+        "the orphaned pod's container and network removed",
+        Duration::from_secs(30),
+        || {
+            let list = rt.block_on(orphan_rt.list()).expect("list");
+            let gone = !list.iter().any(|c| c.id == orphan_id)
+                && !Path::new("/run/netns")
+                    .join(netns_name(&orphan_uid))
+                    .exists()
+                && !Path::new("/sys/class/net")
+                    .join(veth_name(&orphan_uid))
+                    .exists();
+            gone.then_some(())
+        },
+    );
+
+    // --- delete the Deployment: nothing is left on the nodes.
+    let uids: Vec<String> = after
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+        .collect();
+    let t = Instant::now();
+    c.kubectl(&["delete", "deployment", "web"]);
+    eventually("web pods gone", Duration::from_secs(60), || {
+        c.items(&["get", "pods", "-l", "app=web"])
+            .is_empty()
+            .then_some(())
+    });
+    println!(
+        "delete Deployment -> pods gone in {} ms",
+        t.elapsed().as_millis()
+    );
+    for node in NODES {
+        let rtn = rt
+            .block_on(Runtime::connect(containerd.socket(), node))
+            .expect("connect");
+        let left = rt.block_on(rtn.list()).expect("list");
+        assert!(
+            left.is_empty(),
+            "{node}: containers left: {:?}",
+            left.iter().map(|c| &c.id).collect::<Vec<_>>()
+        );
+        for d in cgroup_dirs(&format!("/skiff/{node}")) {
+            let sub: Vec<_> = fs::read_dir(&d)
+                .map(|r| {
+                    r.flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.file_name())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(
+                sub.is_empty(),
+                "cgroups left under {}: {sub:?}",
+                d.display()
+            );
+        }
+        let ipam: Vec<_> = fs::read_dir(dir.join(node).join("ipam"))
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(ipam.is_empty(), "{node}: IP allocations left: {ipam:?}");
+    }
+    let ns_left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with("skiff-") && !n.starts_with("skiff-crt-"))
+        .collect();
+    assert!(ns_left.is_empty(), "netns left: {ns_left:?}");
+    for uid in &uids {
+        assert!(!Path::new("/run/netns").join(netns_name(uid)).exists());
+        assert!(!Path::new("/sys/class/net").join(veth_name(uid)).exists());
+    }
+    assert!(veth_list().is_empty(), "veths left: {:?}", veth_list());
+
+    // --- containerd unreachable: Ready=False with the reason, Ready again when it is back.
+    let ctrd3_dir = dir.join("ctrd3");
+    let mut agent3 = Proc::spawn(
+        "agent-3",
+        &dir,
+        Command::new(&agent_bin)
+            .args(["--node-name", "agent-3"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--containerd-address")
+            .arg(ctrd3_dir.join("containerd.sock"))
+            .arg("--root-dir")
+            .arg(dir.join("agent-3"))
+            .args(["--node-lease-renew-interval", "2", "--port", "0"]),
+    );
+    agent3.wait_stdout("skiff-agent agent-3 ready", Duration::from_secs(30));
+    let ready3 = || -> Value {
+        let n = c.json(&["get", "node", "agent-3"]);
+        n["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+            .unwrap_or(Value::Null)
+    };
+    let down = eventually(
+        "agent-3 NotReady without containerd",
+        Duration::from_secs(30),
+        || {
+            let r = ready3();
+            (r["status"] == "False").then_some(r)
+        },
+    );
+    println!("agent-3 without containerd: {down}");
+    assert!(
+        down["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("containerd is unreachable")),
+        "{down}"
+    );
+    assert_eq!(down["reason"], "KubeletNotReady");
+    let containerd3 = ContainerdProcess::start(&ctrd3_dir).expect("start containerd 3");
+    let t = Instant::now();
+    let up = eventually(
+        "agent-3 Ready once containerd answers",
+        Duration::from_secs(30),
+        || {
+            let r = ready3();
+            (r["status"] == "True").then_some(r)
+        },
+    );
+    println!(
+        "agent-3 Ready {} ms after containerd started",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(up["reason"], "KubeletReady");
+    drop(containerd3);
+    let t = Instant::now();
+    eventually(
+        "agent-3 NotReady after containerd stopped",
+        Duration::from_secs(30),
+        || (ready3()["status"] == "False").then_some(()),
+    );
+    println!(
+        "agent-3 NotReady {} ms after containerd stopped",
+        t.elapsed().as_millis()
+    );
+    drop(agent3);
+
+    drop(agents);
+    drop(sched);
+    drop(cm);
+    drop(apiserver);
+    drop(containerd);
+    drop(registry);
+}
