@@ -574,13 +574,21 @@ spec:
         "patch", "ds", "agent", "-n", "infra", "--type=merge", "-p",
         r#"{"spec":{"template":{"spec":{"tolerations":[{"key":"dedicated","operator":"Exists"}]}}}}"#,
     ]);
-    let pods = c.wait_ready_pods("infra", "agent", 3, WAIT);
+    // The rolling update replaces the old pods one node at a time; wait for its end.
+    let pods = eventually("3 updated daemon pods, one per node", WAIT, || {
+        let p: Vec<Value> = c
+            .pods("infra", "agent")
+            .into_iter()
+            .filter(pod_is_ready_and_live)
+            .collect();
+        let updated = p.iter().all(|p| {
+            p["spec"]["tolerations"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["key"] == "dedicated"))
+        });
+        (p.len() == 3 && updated).then_some(p)
+    });
     assert_eq!(pods.iter().map(node_of).collect::<BTreeSet<_>>().len(), 3);
-    assert!(pods.iter().all(|p| {
-        p["spec"]["tolerations"]
-            .as_array()
-            .is_some_and(|t| t.iter().any(|t| t["key"] == "dedicated"))
-    }));
 
     // LoadBalancer Services get addresses from the pool, distinct ones.
     c.apply("lb1.yaml", &service("infra", "lb-a", "LoadBalancer"));

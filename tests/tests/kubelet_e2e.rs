@@ -15,300 +15,26 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fs::{self, File},
+    fs,
     io::{Read, Write},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+use skiff_agent::kubelet::pod_worker::LABEL_POD_UID;
+#[path = "support/mod.rs"]
+mod support;
 use skiff_agent::kubelet::{
-    containerd_process::{ContainerdProcess, unmount_under},
-    network::{Ipv4Net, PodNetworks, VETH_PREFIX, netns_name, veth_name},
-    runtime::{ContainerState, Runtime, cgroup_dirs, remove_cgroup_tree},
+    containerd_process::ContainerdProcess,
+    network::{Ipv4Net, VETH_PREFIX, netns_name, veth_name},
+    runtime::{ContainerState, Runtime, cgroup_dirs},
     test_images::{LocalRegistry, busybox_image},
 };
+use support::*;
 
 const NODES: [&str; 2] = ["agent-1", "agent-2"];
-const KUBECTL: &str = "/usr/bin/kubectl";
-
-/// Target dir of this build (target/debug): the test executable is in target/debug/deps.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable in target/<profile>/deps")
-        .to_path_buf()
-}
-
-fn binary(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: run `cargo build -p skiff-agent -p skiff-control --bins` before this test",
-        p.display()
-    );
-    p
-}
-
-/// A process stopped by pid on drop (SIGTERM, then SIGKILL).
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
-        let stdout = dir.join(format!("{name}.stdout"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = cmd
-            .env_remove("KUBECONFIG")
-            .env(
-                "RUST_LOG",
-                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("stdout file"))
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        Proc {
-            name: name.into(),
-            child: Some(child),
-            stdout,
-            stderr,
-        }
-    }
-
-    fn out(&self) -> String {
-        fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn logs(&self) -> String {
-        let tail = |p: &Path| {
-            let t = fs::read_to_string(p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().collect();
-            lines[lines.len().saturating_sub(60)..].join("\n")
-        };
-        format!(
-            "--- {} stdout ---\n{}\n--- {} stderr (tail) ---\n{}",
-            self.name,
-            tail(&self.stdout),
-            self.name,
-            tail(&self.stderr)
-        )
-    }
-
-    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.out();
-            if out.contains(needle) {
-                return out;
-            }
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "{} exited with {st} before printing {needle:?}\n{}",
-                    self.name,
-                    self.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not print {needle:?} within {timeout:?}\n{}",
-                self.name,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Removes what the agents made outside the test directory: pod networks (from the
-/// agents' IP allocation files), cgroups, and the test directory itself. Declared
-/// first so it drops last.
-struct Cleanup {
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // SKIFF_TEST_KEEP_LOGS=<dir>: keep the processes' logs.
-        if let Some(keep) = std::env::var_os("SKIFF_TEST_KEEP_LOGS") {
-            let keep = PathBuf::from(keep);
-            let _ = fs::create_dir_all(&keep);
-            for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.ends_with(".stdout") || n.ends_with(".stderr") {
-                    let _ = fs::copy(e.path(), keep.join(&n));
-                }
-            }
-        }
-        for node in NODES {
-            let root = self.dir.join(node);
-            if let Ok(nets) = PodNetworks::new(&root, std::net::Ipv4Addr::LOCALHOST) {
-                for (_, uid) in nets.allocations() {
-                    let _ = nets.teardown(&uid);
-                }
-            }
-            let _ = remove_cgroup_tree(&format!("/skiff/{node}"));
-        }
-        for d in cgroup_dirs("/skiff") {
-            let _ = fs::remove_dir(d);
-        }
-        unmount_under(&self.dir);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Runs `cmd`, killing it (by pid) after `timeout`.
-fn run_bounded(mut cmd: Command, input: Option<&str>, timeout: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let desc = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {desc}: {e}"));
-    if let Some(input) = input {
-        let mut stdin = child.stdin.take().expect("stdin");
-        let input = input.to_string();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(input.as_bytes());
-        });
-    }
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = out.read_to_end(&mut b);
-        b
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = err.read_to_end(&mut b);
-        b
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{desc} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    }
-}
-
-struct Cluster {
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn kubectl_out(&self, args: &[&str], input: Option<&str>) -> Output {
-        let mut cmd = Command::new(KUBECTL);
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.dir.join("kubecache"))
-            .env_remove("KUBECONFIG")
-            .args(args);
-        run_bounded(cmd, input, Duration::from_secs(60))
-    }
-
-    #[track_caller]
-    fn kubectl(&self, args: &[&str]) -> String {
-        let o = self.kubectl_out(args, None);
-        assert!(
-            o.status.success(),
-            "kubectl {}: {}\n{}{}",
-            args.join(" "),
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn apply(&self, manifest: &str) {
-        let o = self.kubectl_out(&["apply", "-f", "-"], Some(manifest));
-        assert!(
-            o.status.success(),
-            "kubectl apply: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let out = self.kubectl(&a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("kubectl {a:?}: bad JSON ({e}):\n{out}"))
-    }
-
-    fn items(&self, args: &[&str]) -> Vec<Value> {
-        self.json(args)["items"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn is_ready(p: &Value) -> bool {
     p["metadata"]["deletionTimestamp"].is_null()
@@ -702,6 +428,135 @@ fn logs_and_exec(c: &Cluster, image: &str) {
     c.kubectl(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
 }
 
+/// Static pods: a manifest in agent-1's --manifest-dir runs without the apiserver as its
+/// source, with a mirror pod `<pod>-agent-1`; deleting the mirror recreates it without
+/// touching the containers; removing the file removes the pod. Garbage files are skipped.
+fn static_pods(
+    c: &Cluster,
+    image: &str,
+    manifests: &Path,
+    rt: &Runtime,
+    tokio: &tokio::runtime::Runtime,
+) {
+    let static_ctrs = |uid: &str| -> Vec<String> {
+        tokio
+            .block_on(rt.list())
+            .expect("list containers")
+            .into_iter()
+            .filter(|ci| ci.labels.get(LABEL_POD_UID).map(String::as_str) == Some(uid))
+            .map(|ci| ci.id)
+            .collect()
+    };
+    fs::write(
+        manifests.join("broken.yaml"),
+        "apiVersion: v1\nkind: Pod\nspec: [oops\n",
+    )
+    .unwrap();
+    fs::write(manifests.join("notes.txt"), "not a manifest").unwrap();
+    let t = Instant::now();
+    fs::write(
+        manifests.join("static-web.yaml"),
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: static-web
+  labels: {{tier: static}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sleep", "3600"]
+"#
+        ),
+    )
+    .unwrap();
+    let p = eventually(
+        "static pod mirror static-web-agent-1 Running",
+        Duration::from_secs(60),
+        || {
+            let o = c.kubectl_out(&["get", "pod", "static-web-agent-1", "-o", "json"], None);
+            let p: Value = serde_json::from_slice(&o.stdout).ok()?;
+            (o.status.success() && is_ready(&p) && !container_id(&p).is_empty()).then_some(p)
+        },
+    );
+    println!("static pod Running after {} ms", t.elapsed().as_millis());
+    let md = &p["metadata"];
+    assert_eq!(md["namespace"], "default");
+    assert_eq!(md["annotations"]["kubernetes.io/config.source"], "file");
+    let hash = md["annotations"]["kubernetes.io/config.mirror"]
+        .as_str()
+        .expect("config.mirror annotation")
+        .to_string();
+    assert!(!hash.is_empty());
+    let node_uid = c.json(&["get", "node", "agent-1"])["metadata"]["uid"].clone();
+    let owner = &md["ownerReferences"][0];
+    assert_eq!(owner["apiVersion"], "v1");
+    assert_eq!(owner["kind"], "Node");
+    assert_eq!(owner["name"], "agent-1");
+    assert_eq!(owner["uid"], node_uid);
+    assert_eq!(owner["controller"], true);
+    assert_eq!(p["spec"]["nodeName"], "agent-1");
+    let cid = container_id(&p);
+    assert_eq!(static_ctrs(&hash), vec![cid.clone()]);
+    let mirror_uid = md["uid"].as_str().unwrap().to_string();
+
+    // Deleting the mirror pod: it comes back (new uid), the container keeps running.
+    let t = Instant::now();
+    c.kubectl(&["delete", "pod", "static-web-agent-1", "--timeout=60s"]);
+    let p2 = eventually("mirror pod recreated", Duration::from_secs(30), || {
+        let o = c.kubectl_out(&["get", "pod", "static-web-agent-1", "-o", "json"], None);
+        let p: Value = serde_json::from_slice(&o.stdout).ok()?;
+        (o.status.success() && p["metadata"]["uid"] != mirror_uid.as_str() && is_ready(&p))
+            .then_some(p)
+    });
+    println!("mirror pod recreated after {} ms", t.elapsed().as_millis());
+    assert_eq!(
+        container_id(&p2),
+        cid,
+        "the static pod's container was replaced"
+    );
+    assert_eq!(restart_count(&p2), 0);
+    assert_eq!(static_ctrs(&hash), vec![cid.clone()]);
+    let info = tokio
+        .block_on(rt.list())
+        .unwrap()
+        .into_iter()
+        .find(|ci| ci.id == cid)
+        .expect("static container");
+    assert!(
+        matches!(info.state, ContainerState::Running { .. }),
+        "{info:?}"
+    );
+
+    // A second garbage file while it runs: nothing changes.
+    fs::write(manifests.join("garbage.json"), "{\"kind\": 3").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let p3 = c.json(&["get", "pod", "static-web-agent-1"]);
+    assert_eq!(p3["metadata"]["uid"], p2["metadata"]["uid"]);
+    assert_eq!(container_id(&p3), cid);
+
+    // Removing the file: pod and containers gone.
+    let t = Instant::now();
+    fs::remove_file(manifests.join("static-web.yaml")).unwrap();
+    eventually("static pod gone", Duration::from_secs(60), || {
+        let o = c.kubectl_out(
+            &[
+                "get",
+                "pod",
+                "static-web-agent-1",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        (o.status.success() && o.stdout.is_empty() && static_ctrs(&hash).is_empty()).then_some(())
+    });
+    println!("static pod removed after {} ms", t.elapsed().as_millis());
+}
+
 #[test]
 fn kubelet_end_to_end() {
     assert!(
@@ -728,7 +583,10 @@ fn kubelet_end_to_end() {
     let dir = PathBuf::from(format!("/tmp/skiff-ke-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    let _cleanup = Cleanup { dir: dir.clone() };
+    let _cleanup = Cleanup {
+        dir: dir.clone(),
+        nodes: NODES.iter().map(|n| n.to_string()).collect(),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -785,7 +643,9 @@ fn kubelet_end_to_end() {
     cm.wait_stdout("is the leader", Duration::from_secs(30));
     sched.wait_stdout("is the leader", Duration::from_secs(30));
 
-    // --- agents.
+    // --- agents (agent-1 with a static pod manifest dir).
+    let manifests = dir.join("manifests");
+    fs::create_dir_all(&manifests).unwrap();
     let start_agent = |node: &str, log: &str| {
         Proc::spawn(
             log,
@@ -801,7 +661,15 @@ fn kubelet_end_to_end() {
                 .args(["--insecure-registry", &registry.host()])
                 .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
                 // Several agents share 127.0.0.1: any free kubelet API port.
-                .args(["--port", "0"]),
+                .args(["--port", "0"])
+                .args(if node == "agent-1" {
+                    vec![
+                        "--manifest-dir".to_string(),
+                        manifests.display().to_string(),
+                    ]
+                } else {
+                    vec![]
+                }),
         )
     };
     let mut agents: Vec<Proc> = NODES.iter().map(|n| start_agent(n, n)).collect();
@@ -851,6 +719,14 @@ fn kubelet_end_to_end() {
     let lease = c.json(&["get", "lease", "-n", "kube-node-lease", "agent-1"]);
     assert_eq!(lease["spec"]["holderIdentity"], "agent-1");
     println!("nodes: {}", c.kubectl(&["get", "nodes", "-o", "wide"]));
+
+    // --- static pods.
+    {
+        let rt1 = rt
+            .block_on(Runtime::connect(containerd.socket(), "agent-1"))
+            .expect("connect");
+        static_pods(&c, &image, &manifests, &rt1, &rt);
+    }
 
     // --- a 3-replica Deployment.
     let t = Instant::now();

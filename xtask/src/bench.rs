@@ -24,6 +24,13 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "pods bound per second and Deployment-to-Ready time on hollow nodes \
          (args: --pods N (1000), --nodes M (100))",
     ),
+    (
+        "pods",
+        "skiff-tests",
+        "pods",
+        "pod create -> Running p50/p99/max on one skiff-agent, agent idle RSS \
+         (args: --pods N (50); needs `cargo build --release -p skiff-agent -p skiff-control --bins`)",
+    ),
 ];
 
 pub fn run(args: &[String]) -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! `skiff-agent --node-name N --kubeconfig K --containerd-address SOCK [--root-dir DIR]
 //!  [--insecure-registry 127.0.0.1:PORT ...] [--node-ip IP] [--port 10250]
-//!  [--bind-address IP]` (as root). Serves the kubelet API (logs, exec) over HTTPS. Prints
+//!  [--bind-address IP] [--manifest-dir DIR]` (as root). Serves the kubelet API (logs,
+//! exec) over HTTPS; runs the static pods of DIR, with mirror pods in the API. Prints
 //! "skiff-agent <node> ready" on stdout once the Node is registered.
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
@@ -49,6 +50,10 @@ struct Args {
     /// Address the kubelet API listens on (default: the node IP).
     #[arg(long)]
     bind_address: Option<std::net::IpAddr>,
+    /// Directory of static pod manifests (*.yaml, *.yml, *.json with a v1 Pod), run
+    /// without the apiserver as their source; each gets a mirror pod `<pod>-<node>`.
+    #[arg(long)]
+    manifest_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -75,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.resync = Duration::from_secs(a.sync_frequency.max(1));
     cfg.port = a.port;
     cfg.bind_address = a.bind_address;
+    cfg.manifest_dir = a.manifest_dir;
     let node = cfg.node_name.clone();
     let run = agent::run(cfg, move || {
         use std::io::Write;

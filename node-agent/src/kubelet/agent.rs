@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub port: u16,
     /// Address the kubelet API listens on; None = the node IP.
     pub bind_address: Option<std::net::IpAddr>,
+    /// Static pod manifests (`--manifest-dir`), see [`super::static_pods`].
+    pub manifest_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -73,6 +75,7 @@ impl AgentConfig {
             resync: Duration::from_secs(5),
             port: 10250,
             bind_address: None,
+            manifest_dir: None,
         }
     }
 }
@@ -217,6 +220,7 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
     on_ready();
     tokio::spawn(node::lease_loop(k.clone()));
     tokio::spawn(node::status_loop(k.clone(), health, version));
+    tokio::spawn(super::static_pods::run(k.clone()));
     pod_loop(k).await
 }
 
@@ -278,7 +282,8 @@ async fn pod_loop(k: Arc<Kubelet>) -> anyhow::Result<()> {
 
 fn dispatch(k: &Arc<Kubelet>, workers: &mut HashMap<String, WorkerHandle>, pod: Pod) {
     let uid = pod.uid().unwrap_or_default();
-    if uid.is_empty() {
+    // Mirror pods are run from their files (static_pods), not from the API.
+    if uid.is_empty() || super::static_pods::is_mirror(&pod) {
         return;
     }
     if let Some(w) = workers.get(&uid) {
@@ -293,6 +298,10 @@ fn dispatch(k: &Arc<Kubelet>, workers: &mut HashMap<String, WorkerHandle>, pod: 
 /// Removes what belongs to pods that no longer exist: containers (by label), pod
 /// networks (by IP allocation) and pod cgroups under /skiff/<node>.
 async fn cleanup_orphans(k: &Kubelet, live: &HashSet<String>) {
+    // Static pods are not in the API under their own uid.
+    let mut live = live.clone();
+    live.extend(super::static_pods::uids(k));
+    let live = &live;
     let orphans: Vec<(String, Vec<ContainerInfo>)> = {
         let mut a = k.adoptable.lock().await;
         let gone: Vec<String> = a.keys().filter(|u| !live.contains(*u)).cloned().collect();

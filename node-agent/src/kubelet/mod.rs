@@ -12,6 +12,7 @@
 //! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
 //!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
 //!   shim, status, stop, delete, list for adoption.
+//! - [`static_pods`]: pods from the files of `--manifest-dir`, with mirror pods in the API.
 //! - [`server`]: the kubelet's HTTPS API (containerLogs, exec) the apiserver proxies to.
 //! - [`containerd_process`]: a private containerd daemon (tests, `cargo xtask up`).
 //! - [`test_images`]: a local registry and tiny OCI images built from busybox-static.
@@ -26,4 +27,5 @@ pub mod pod_worker;
 pub mod probes;
 pub mod runtime;
 pub mod server;
+pub mod static_pods;
 pub mod test_images;

@@ -202,7 +202,19 @@ pub async fn run(k: Arc<Kubelet>, uid: String, mut rx: watch::Receiver<Option<Po
                 w.terminate(true).await;
                 return;
             }
-            Some(p) => w.pod = p,
+            Some(p) => {
+                // A static pod's new mirror pod: write the status onto it again.
+                let mirror = |p: &Pod| {
+                    p.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(super::static_pods::ANN_MIRROR_UID).cloned())
+                };
+                if mirror(&p) != mirror(&w.pod) {
+                    w.last_status = None;
+                }
+                w.pod = p;
+            }
         }
         w.next_wake = None;
         w.sync().await;
