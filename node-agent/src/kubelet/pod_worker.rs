@@ -1331,6 +1331,14 @@ impl Worker {
             .map(|s| s.name.clone())
             .collect();
         let completed = matches!(ph, "Succeeded" | "Failed");
+        // Ready and ContainersReady say the same thing about the containers.
+        let ready = not_ready.is_empty() && !completed;
+        let ready_reason = if completed {
+            "PodCompleted"
+        } else {
+            "ContainersNotReady"
+        };
+        let ready_message = format!("containers with unready status: [{}]", not_ready.join(" "));
         let conditions = vec![
             self.condition("PodReadyToStartContainers", self.net.is_some(), None, None),
             self.condition(
@@ -1344,29 +1352,15 @@ impl Worker {
             ),
             self.condition(
                 "Ready",
-                not_ready.is_empty() && !completed,
-                Some(if completed {
-                    "PodCompleted"
-                } else {
-                    "ContainersNotReady"
-                }),
-                Some(format!(
-                    "containers with unready status: [{}]",
-                    not_ready.join(" ")
-                )),
+                ready,
+                Some(ready_reason),
+                Some(ready_message.clone()),
             ),
             self.condition(
                 "ContainersReady",
-                not_ready.is_empty() && !completed,
-                Some(if completed {
-                    "PodCompleted"
-                } else {
-                    "ContainersNotReady"
-                }),
-                Some(format!(
-                    "containers with unready status: [{}]",
-                    not_ready.join(" ")
-                )),
+                ready,
+                Some(ready_reason),
+                Some(ready_message),
             ),
             self.condition("PodScheduled", true, None, None),
         ];
