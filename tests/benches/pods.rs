@@ -220,7 +220,7 @@ fn main() {
             .arg("--root-dir")
             .arg(dir.join(NODE))
             .args(["--insecure-registry", &registry.host()])
-            .args(["--port", "0"]),
+            .args(["--port", "0", "--pod-network", "host-routes"]),
     );
     agent.wait_stdout(
         &format!("skiff-agent {NODE} ready"),

@@ -26,9 +26,9 @@ use serde_json::Value;
 use skiff_agent::kubelet::pod_worker::LABEL_POD_UID;
 #[path = "support/mod.rs"]
 mod support;
+use skiff_agent::cni::network::{Ipv4Net, VETH_PREFIX, netns_name, veth_name};
 use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
-    network::{Ipv4Net, VETH_PREFIX, netns_name, veth_name},
     runtime::{ContainerState, Runtime, cgroup_dirs},
     test_images::{LocalRegistry, busybox_image},
 };
@@ -661,7 +661,7 @@ fn kubelet_end_to_end() {
                 .args(["--insecure-registry", &registry.host()])
                 .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
                 // Several agents share 127.0.0.1: any free kubelet API port.
-                .args(["--port", "0"])
+                .args(["--port", "0", "--pod-network", "host-routes"])
                 .args(if node == "agent-1" {
                     vec![
                         "--manifest-dir".to_string(),
@@ -1158,7 +1158,8 @@ fn kubelet_end_to_end() {
             .arg(ctrd3_dir.join("containerd.sock"))
             .arg("--root-dir")
             .arg(dir.join("agent-3"))
-            .args(["--node-lease-renew-interval", "2", "--port", "0"]),
+            .args(["--node-lease-renew-interval", "2", "--port", "0"])
+            .args(["--pod-network", "host-routes"]),
     );
     agent3.wait_stdout("skiff-agent agent-3 ready", Duration::from_secs(30));
     let ready3 = || -> Value {

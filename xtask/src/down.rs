@@ -9,6 +9,11 @@
 //! socket), processes in the cgroups /skiff/node-N of this cluster's nodes, runc state of
 //! the containerd namespaces skiff-node-N, the pod netns listed in the agents' IP
 //! allocation files, mounts under .skiff. Nothing is killed by name.
+//!
+//! Then the network (what .skiff/topology recorded, and whatever else of the local
+//! cluster's topology is left): the host routes to the podCIDRs, the node netns
+//! sknode-node-N with their veths, the bridge skiff0, and the nodes' bpffs directories
+//! /sys/fs/bpf/skiff/node-N.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -180,6 +185,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(pid) = running_pid("registry") {
         stop("registry", pid);
     }
+    remove_network();
     let dir = state_dir();
     unmount_under(&dir);
     if !args.keep_state && dir.exists() {
@@ -188,6 +194,68 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("[down] done");
     Ok(())
+}
+
+/// Removes the host routes, node netns, bridge and bpffs directories of the local
+/// cluster (recorded by `up` in .skiff/topology, plus the fixed names, so a missing
+/// record still leaves nothing behind). Errors are reported, not fatal.
+fn remove_network() {
+    let topo = up::topology();
+    let rec = up::recorded();
+    for w in rec.iter().filter(|w| w[0] == "route" && w.len() == 3) {
+        let Ok(via) = w[2].parse() else { continue };
+        println!("[down] removing the route {} via {via}", w[1]);
+        if let Err(e) = topo.remove_host_route(&w[1], via) {
+            println!("[down] warning: {e:#}");
+        }
+    }
+    let mut nodes: Vec<String> = rec
+        .iter()
+        .filter(|w| w[0] == "node" && w.len() >= 2)
+        .map(|w| w[1].clone())
+        .collect();
+    for node in topo.nodes() {
+        if !nodes.contains(&node) {
+            nodes.push(node);
+        }
+    }
+    for node in &nodes {
+        if topo.netns_path(node).exists() {
+            println!("[down] removing netns {}", topo.netns_name(node));
+        }
+        if let Err(e) = topo.remove_node(node) {
+            println!("[down] warning: {e:#}");
+        }
+    }
+    if topo.bridge_exists() {
+        println!("[down] removing the bridge {}", topo.config().bridge);
+    }
+    if let Err(e) = topo.destroy() {
+        println!("[down] warning: {e:#}");
+    }
+    // Pinned maps and programs: only <BPFFS_ROOT>/<node> directories.
+    let root = Path::new(up::BPFFS_ROOT);
+    let mut dirs: Vec<PathBuf> = rec
+        .iter()
+        .filter(|w| w[0] == "bpffs" && w.len() == 2)
+        .map(|w| PathBuf::from(&w[1]))
+        .chain(self::nodes().iter().map(|n| up::bpffs_dir(n)))
+        .chain(nodes.iter().map(|n| up::bpffs_dir(n)))
+        .filter(|d| d.parent() == Some(root) && d.file_name().is_some())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        if d.exists() {
+            println!("[down] removing {}", d.display());
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                println!("[down] warning: removing {}: {e}", d.display());
+            }
+        }
+    }
+    // The parent too, once nothing else (e.g. a test's node) uses it.
+    let _ = std::fs::remove_dir(root);
+    let _ = std::fs::remove_file(up::topology_record());
 }
 
 /// What a dead or stopped agent could leave behind, only this cluster's.

@@ -1,5 +1,7 @@
 //! `cargo xtask images`: builds the sample workload's images and pushes them to the local
-//! registry on 127.0.0.1:5000 (started here if it is not running; `down` stops it).
+//! registry on 10.90.0.1:5000, the host's address on the test bridge skiff0 (the bridge
+//! is created first if it is missing; the registry is started here if it is not running;
+//! `down` stops it and removes the bridge).
 //!
 //! - `skiff/echo:<tag>`: the static echo server (crate images/echo) as `/echo`,
 //!   entrypoint `["/echo"]`, plus busybox for debugging (`kubectl exec ... -- sh`);
@@ -24,8 +26,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{up, util};
 
-/// The registry `up` and `images` use (the sample manifest names it).
-pub const REGISTRY: &str = "127.0.0.1:5000";
+/// The registry `up` and `images` use (the sample manifest names it): the host's address
+/// on the test bridge, so the nodes (network namespaces on the bridge) reach it.
+pub const REGISTRY: &str = "10.90.0.1:5000";
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const BUSYBOX_BIN: &str = "/bin/busybox";
 const MUSL: &str = crate::setup::MUSL_TARGET;
@@ -41,6 +44,8 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let dir = up::state_dir();
     std::fs::create_dir_all(&dir)?;
+    // The registry listens on the bridge address.
+    up::ensure_bridge()?;
     ensure_registry(&dir)?;
     let echo = build_echo()?;
     let busybox = busybox_builder()?;
@@ -127,7 +132,7 @@ fn registry_ok() -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {REGISTRY}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;

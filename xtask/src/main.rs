@@ -35,7 +35,7 @@ enum Command {
     /// Stop what `up` started (by pid) and remove its state.
     Down(down::Args),
     /// Build the sample images (skiff/echo, skiff/busybox) and push them to the local
-    /// registry on 127.0.0.1:5000 (started if not running).
+    /// registry on 10.90.0.1:5000 (the test bridge's host address; started if not running).
     Images(images::Args),
     /// Benchmarks: `cargo xtask bench api`.
     Bench {

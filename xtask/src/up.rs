@@ -1,16 +1,23 @@
-//! `cargo xtask up`: the main job. Installs what is missing, starts the control plane
-//! (apiserver on the embedded store, or on a local etcd with `--etcd`) in the
-//! background, then a local containerd (.skiff/containerd), the image registry with the
-//! sample images (`cargo xtask images`) and three real nodes (skiff-agent node-1..3,
-//! each with its own containerd namespace, cgroup parent /skiff/node-N and pod netns),
-//! applies the sample workload, waits until its pods run and prints how to use kubectl.
-//! Everything it starts is recorded under .skiff/ so `cargo xtask down` can stop it by pid.
+//! `cargo xtask up`: the main job. Installs what is missing, builds the test network
+//! (bridge skiff0 with the host on 10.90.0.1/24, one network namespace sknode-node-N per
+//! node on it with the node IP 10.90.0.(10+N); nothing routes out of it), starts the
+//! control plane (apiserver on 10.90.0.1:6443 on the embedded store, or on a local etcd
+//! with `--etcd`) in the background, then a local containerd (.skiff/containerd), the
+//! image registry on 10.90.0.1:5000 with the sample images (`cargo xtask images`) and
+//! three real nodes (skiff-agent node-1..3, each inside its node netns with its own
+//! containerd namespace, cgroup parent /skiff/node-N, pod netns and pinned maps under
+//! /sys/fs/bpf/skiff/node-N). Once the Nodes are Ready it routes each node's podCIDR
+//! from the host to the node IP, applies the sample workload, waits until its pods run
+//! and prints how to use kubectl. Everything it starts is recorded under .skiff/ (pids,
+//! and .skiff/topology for the network) so `cargo xtask down` can remove it.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use skiff_testbed::{Topology, TopologyConfig};
 
 use crate::{setup, util};
 
@@ -25,9 +32,13 @@ pub struct Args {
     /// Do not apply manifests/sample-app.yaml.
     #[arg(long)]
     pub no_sample: bool,
-    /// Real nodes: skiff-agent processes node-1..N on one local containerd.
+    /// Real nodes: skiff-agent node-1..N, each in its network namespace sknode-node-N
+    /// (node IP 10.90.0.(10+N)) on the bridge skiff0, all on one local containerd.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// The agents' pod network: `ebpf` (eBPF data path) or `host-routes`.
+    #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "host-routes"])]
+    pub pod_network: String,
     /// Hollow nodes to register as well (kubemark-style: the API behaviour of a kubelet,
     /// no containers).
     #[arg(long, default_value_t = 0)]
@@ -36,9 +47,113 @@ pub struct Args {
 
 /// Where the sample manifest and the agents pull from (`cargo xtask images` fills it).
 const REGISTRY: &str = crate::images::REGISTRY;
-/// How long `up` waits for the nodes to be Ready and for the sample pods to run.
-const NODES_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `up` waits for the nodes to be Ready, for their podCIDRs and for the sample
+/// pods to run.
+const NODES_READY_TIMEOUT: Duration = Duration::from_secs(90);
+const POD_CIDR_TIMEOUT: Duration = Duration::from_secs(30);
 const SAMPLE_RUNNING_TIMEOUT: Duration = Duration::from_secs(120);
+/// The kubelet API port (every node has its own IP).
+const KUBELET_PORT: u16 = 10250;
+/// Node N's pinned maps live in `<BPFFS_ROOT>/node-N`.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/skiff";
+
+/// The local cluster's test network: bridge skiff0, host 10.90.0.1/24, netns sknode-<node>.
+pub fn topology() -> Topology {
+    Topology::new(TopologyConfig::local_cluster()).expect("the built-in topology is valid")
+}
+
+/// The host's address on the bridge: the apiserver and the registry listen there.
+pub fn host_addr() -> Ipv4Addr {
+    TopologyConfig::local_cluster().host_addr
+}
+
+/// The name of real node `n` (1-based).
+pub fn node_name(n: usize) -> String {
+    format!("node-{n}")
+}
+
+/// The IP of real node `n`: 10.90.0.(10+n).
+pub fn node_ip(n: usize) -> Result<Ipv4Addr> {
+    let n = u32::try_from(n).context("node index")?;
+    TopologyConfig::local_cluster().node_ip(n)
+}
+
+/// Where `node`'s agent pins its eBPF maps and programs.
+pub fn bpffs_dir(node: &str) -> PathBuf {
+    Path::new(BPFFS_ROOT).join(node)
+}
+
+/// What `up` created in the network, for `down`: one `<kind> <value>...` line each
+/// (`bridge skiff0`, `node node-1 10.90.0.11`, `bpffs /sys/fs/bpf/skiff/node-1`,
+/// `route 10.244.1.0/24 10.90.0.11`).
+pub fn topology_record() -> PathBuf {
+    state_dir().join("topology")
+}
+
+/// Appends `line` to [`topology_record`] unless it is there already.
+fn record(line: &str) -> Result<()> {
+    use std::io::Write;
+    let path = topology_record();
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    if have.lines().any(|l| l == line) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(state_dir())?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+/// The lines of [`topology_record`], split into words.
+pub fn recorded() -> Vec<Vec<String>> {
+    std::fs::read_to_string(topology_record())
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Creates the bridge skiff0 with 10.90.0.1/24 unless it is there (recorded for `down`).
+pub fn ensure_bridge() -> Result<Topology> {
+    let topo = topology();
+    let c = topo.config();
+    if !topo.bridge_exists() {
+        println!(
+            "[up] creating the test bridge {} with {}/{} (subnet {}, nothing routes out)",
+            c.bridge,
+            c.host_addr,
+            c.prefix_len,
+            c.subnet()
+        );
+    }
+    record(&format!("bridge {}", c.bridge))?;
+    topo.ensure()?;
+    Ok(topo)
+}
+
+/// The bridge and the netns of node-1..n (idempotent).
+fn create_topology(n: usize) -> Result<Topology> {
+    let topo = ensure_bridge()?;
+    for i in 1..=n {
+        let node = node_name(i);
+        let ip = node_ip(i)?;
+        record(&format!("node {node} {ip}"))?;
+        let netns = topo.add_node(&node, ip)?;
+        println!(
+            "[up] node netns {} for {node}: eth0 {ip}/{} on {} (host end {})",
+            netns.netns,
+            netns.prefix_len,
+            topo.config().bridge,
+            netns.host_veth
+        );
+    }
+    Ok(topo)
+}
 
 /// containerd's directory under .skiff (config, root, state, socket).
 pub fn containerd_dir() -> PathBuf {
@@ -131,9 +246,11 @@ pub fn run(args: &Args) -> Result<()> {
         println!(
             "[up] the control plane is already running (apiserver pid {pid}); `cargo xtask down` stops it"
         );
-        print_usage(&dir.join("control/admin.kubeconfig"));
+        print_usage(&dir.join("control/admin.kubeconfig"), args.port);
         return Ok(());
     }
+    let topo = create_topology(args.nodes)?;
+    let host = host_addr().to_string();
 
     println!("[up] building the control plane and the node agent");
     let mut build = util::cargo();
@@ -163,7 +280,9 @@ pub fn run(args: &Args) -> Result<()> {
         .arg(dir.join("control"))
         .args([
             "--bind-address",
-            "127.0.0.1",
+            &host,
+            "--advertise-address",
+            &host,
             "--secure-port",
             &args.port.to_string(),
         ]);
@@ -172,7 +291,7 @@ pub fn run(args: &Args) -> Result<()> {
         apiserver.args(["--etcd-servers", &endpoint]);
     }
     println!(
-        "[up] starting the apiserver on https://127.0.0.1:{}",
+        "[up] starting the apiserver on https://{host}:{}",
         args.port
     );
     let pid = spawn_daemon("apiserver", &mut apiserver)?;
@@ -218,7 +337,8 @@ pub fn run(args: &Args) -> Result<()> {
         crate::images::run(&crate::images::Args {
             tag: "latest".into(),
         })?;
-        start_agents(&kubeconfig, args.nodes)?;
+        start_agents(&topo, &kubeconfig, args.nodes, &args.pod_network)?;
+        route_pod_cidrs(&topo, &kubeconfig, args.nodes)?;
     }
 
     if !args.no_sample {
@@ -241,7 +361,7 @@ pub fn run(args: &Args) -> Result<()> {
         "kubectl get",
         kubectl(&kubeconfig).args(["get", "nodes,pods", "-A", "-o", "wide"]),
     );
-    print_usage(&kubeconfig);
+    print_usage(&kubeconfig, args.port);
     Ok(())
 }
 
@@ -330,30 +450,39 @@ fn start_containerd() -> Result<()> {
     Ok(())
 }
 
-/// Starts skiff-agent node-1..n (each under a restart loop like the controller-manager)
-/// and waits until their Nodes are Ready.
-fn start_agents(kubeconfig: &Path, n: usize) -> Result<()> {
+/// Starts skiff-agent node-1..n, each inside its node netns (nsenter --net, so it sees
+/// the host's /sys/fs/bpf and /sys/fs/cgroup) under a restart loop like the
+/// controller-manager, and waits until their Nodes are Ready.
+fn start_agents(topo: &Topology, kubeconfig: &Path, n: usize, pod_network: &str) -> Result<()> {
     let bin = util::root().join("target/debug/skiff-agent");
     let socket = containerd_socket();
     let mut names = Vec::new();
     for i in 1..=n {
-        let node = format!("node-{i}");
+        let node = node_name(i);
         let name = agent_name(i);
         names.push(node.clone());
         if running_pid(&name).is_some() {
+            println!("[up] skiff-agent {node} is already running");
             continue;
         }
+        let ip = node_ip(i)?;
+        let bpffs = bpffs_dir(&node);
+        record(&format!("bpffs {}", bpffs.display()))?;
         let root = state_dir().join("agent").join(&node);
         std::fs::create_dir_all(&root)?;
-        println!("[up] starting skiff-agent {node}");
+        println!(
+            "[up] starting skiff-agent {node} in netns {} (node IP {ip}, kubelet port {KUBELET_PORT}, pod network {pod_network}, maps in {})",
+            topo.netns_name(&node),
+            bpffs.display()
+        );
         spawn_daemon(
             &name,
-            Command::new("sh")
+            topo.node_command(&node, "sh")
                 .args([
                     "-c",
                     "while :; do \"$0\" --node-name \"$1\" --kubeconfig \"$2\" \
                      --containerd-address \"$3\" --root-dir \"$4\" --insecure-registry \"$5\" \
-                     --port \"$6\"; \
+                     --node-ip \"$6\" --port \"$7\" --pod-network \"$8\" --bpffs-dir \"$9\"; \
                      sleep 1; done",
                     &bin.to_string_lossy(),
                     &node,
@@ -361,8 +490,10 @@ fn start_agents(kubeconfig: &Path, n: usize) -> Result<()> {
                     &socket.to_string_lossy(),
                     &root.to_string_lossy(),
                     REGISTRY,
-                    // Every node has the IP 127.0.0.1: one kubelet API port each.
-                    &(10249 + i).to_string(),
+                    &ip.to_string(),
+                    &KUBELET_PORT.to_string(),
+                    pod_network,
+                    &bpffs.to_string_lossy(),
                 ])
                 .env_remove("KUBECONFIG")
                 .env("NO_COLOR", "1"),
@@ -370,6 +501,7 @@ fn start_agents(kubeconfig: &Path, n: usize) -> Result<()> {
     }
     println!("[up] waiting for {} to be Ready", names.join(", "));
     let start = Instant::now();
+    let mut last = usize::MAX;
     loop {
         let out = util::output(kubectl(kubeconfig).args([
             "get",
@@ -382,7 +514,12 @@ fn start_agents(kubeconfig: &Path, n: usize) -> Result<()> {
             .lines()
             .filter_map(|l| l.strip_suffix("=True"))
             .collect();
-        if names.iter().all(|n| ready.contains(&n.as_str())) {
+        let count = names.iter().filter(|n| ready.contains(&n.as_str())).count();
+        if count != last {
+            println!("[up] {count}/{} Ready", names.len());
+            last = count;
+        }
+        if count == names.len() {
             return Ok(());
         }
         if start.elapsed() > NODES_READY_TIMEOUT {
@@ -392,6 +529,53 @@ fn start_agents(kubeconfig: &Path, n: usize) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Routes each real node's spec.podCIDR from the host to the node IP on the bridge, so
+/// the host (and kubectl users) reach pod IPs. A node whose podCIDR is still unset after
+/// [`POD_CIDR_TIMEOUT`] is reported and skipped.
+fn route_pod_cidrs(topo: &Topology, kubeconfig: &Path, n: usize) -> Result<()> {
+    let mut pending: Vec<usize> = (1..=n).collect();
+    let start = Instant::now();
+    while !pending.is_empty() {
+        let out = util::output(kubectl(kubeconfig).args([
+            "get",
+            "nodes",
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR}{"\n"}{end}"#,
+        ]))
+        .unwrap_or_default();
+        let mut left = Vec::new();
+        for i in pending {
+            let node = node_name(i);
+            let cidr = out
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{node}=")))
+                .map(str::trim)
+                .filter(|c| !c.is_empty());
+            let Some(cidr) = cidr else {
+                left.push(i);
+                continue;
+            };
+            let ip = node_ip(i)?;
+            record(&format!("route {cidr} {ip}"))?;
+            topo.add_host_route(cidr, ip)?;
+            println!("[up] route {cidr} (pods of {node}) via {ip}");
+        }
+        pending = left;
+        if !pending.is_empty() && start.elapsed() > POD_CIDR_TIMEOUT {
+            let nodes: Vec<String> = pending.iter().map(|i| node_name(*i)).collect();
+            println!(
+                "[up] warning: no podCIDR on {} after {POD_CIDR_TIMEOUT:?}; their pods are not routed from the host",
+                nodes.join(", ")
+            );
+            break;
+        }
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Ok(())
 }
 
 /// Waits (bounded) until the demo namespace has as many Running pods as its
@@ -472,7 +656,8 @@ fn start_etcd(dir: &Path) -> Result<String> {
     Ok(CLIENT.into())
 }
 
-fn print_usage(kubeconfig: &Path) {
+fn print_usage(kubeconfig: &Path, port: u16) {
+    let c = TopologyConfig::local_cluster();
     println!();
     println!("skiff control plane is up. Use it with the real kubectl:");
     println!("  export KUBECONFIG={}", kubeconfig.display());
@@ -480,9 +665,25 @@ fn print_usage(kubeconfig: &Path) {
     println!("  kubectl get nodes,pods -A -o wide");
     println!("  kubectl get all -n demo");
     println!(
-        "  curl http://<pod IP>:8080/hello    # the echo server answers \"<pod name> /hello\""
+        "  curl http://<pod IP>:8080/hello    # \"<pod name> /hello\" (podCIDRs are routed to the node IPs)"
     );
     println!("  kubectl logs -n demo deployment/echo");
+    println!(
+        "  ip netns exec {}node-1 ip addr      # act as a node (its network namespace)",
+        c.netns_prefix
+    );
+    let ip = |n| node_ip(n).map_or_else(|_| "?".into(), |ip| ip.to_string());
+    println!(
+        "Network: bridge {} {}/{} (apiserver https://{}:{port}, registry {REGISTRY}); node-N is \
+         netns {}node-N ({}, {}, ...); nothing routes out of it.",
+        c.bridge,
+        c.host_addr,
+        c.prefix_len,
+        c.host_addr,
+        c.netns_prefix,
+        ip(1),
+        ip(2),
+    );
     println!(
         "Images: {REGISTRY}/skiff/echo:latest and skiff/busybox:latest (rebuild: cargo xtask images)."
     );

@@ -55,9 +55,168 @@ const _: () = assert!(offset_of!(PacketCounter, bytes) == 8);
 // SAFETY: repr(C), only u64 fields, no padding (asserted above); every bit pattern is valid.
 unsafe impl aya::Pod for PacketCounter {}
 
+// ---------------------------------------------------------------------------------------
+// Pod networking (node-agent/src/cni): tc programs on the host side of every pod veth and
+// on the node's VXLAN device in external (collect_md) mode.
+//
+// Addresses are stored as the packet carries them: an IPv4 address key is the u32 whose
+// in-memory bytes are the address octets (`u32::from_ne_bytes(ip.octets())`), so the
+// programs compare the raw word loaded from the IP header without byte swapping.
+
+/// Local pods: pod IPv4 (packet byte order) -> [`LocalPod`]. A `HashMap`.
+pub const LOCAL_PODS_MAP: &str = "SKIFF_LOCAL_PODS";
+/// Other nodes: LPM trie of remote podCIDRs and remote node IPs (/32) -> [`NodeRoute`].
+pub const NODE_ROUTES_MAP: &str = "SKIFF_NODE_ROUTES";
+/// One-slot array: the VXLAN device and VNI ([`TunnelConfig`]).
+pub const TUNNEL_CONFIG_MAP: &str = "SKIFF_TUNNEL_CONFIG";
+/// Per-CPU [`PacketCounter`]s indexed by [`DatapathStat`].
+pub const DATAPATH_STATS_MAP: &str = "SKIFF_DATAPATH_STATS";
+
+/// tc ingress of a pod's host-side veth (packets leaving the pod).
+pub const FROM_POD_PROGRAM: &str = "skiff_from_pod";
+/// tc egress of a pod's host-side veth (packets the node's stack sends to the pod).
+pub const TO_POD_PROGRAM: &str = "skiff_to_pod";
+/// tc egress of the VXLAN device: sets the tunnel key of every packet.
+pub const TUNNEL_EGRESS_PROGRAM: &str = "skiff_tunnel_egress";
+/// tc ingress of the VXLAN device: decapsulated packets for local pods.
+pub const TUNNEL_INGRESS_PROGRAM: &str = "skiff_tunnel_ingress";
+
+/// Capacity of [`LOCAL_PODS_MAP`] (a node's podCIDR is a /24 by default).
+pub const MAX_LOCAL_PODS: u32 = 1024;
+/// Capacity of [`NODE_ROUTES_MAP`]: two entries (podCIDR, node IP) per remote node.
+pub const MAX_NODE_ROUTES: u32 = 16384;
+
+/// A pod on this node, as the data path delivers to it with `bpf_redirect_peer`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalPod {
+    /// ifindex of the host-side veth (redirect_peer lands in its peer, the pod's eth0).
+    pub host_ifindex: u32,
+    /// MAC of the pod's eth0 (destination MAC of delivered frames).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth (source MAC of delivered frames: the pod's gateway).
+    pub host_mac: [u8; 6],
+}
+
+const _: () = assert!(size_of::<LocalPod>() == 16);
+const _: () = assert!(offset_of!(LocalPod, host_ifindex) == 0);
+const _: () = assert!(offset_of!(LocalPod, pod_mac) == 4);
+const _: () = assert!(offset_of!(LocalPod, host_mac) == 10);
+
+/// Where a remote prefix lives: the node whose VXLAN endpoint receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeRoute {
+    /// The remote node's IPv4 in host byte order (what `bpf_skb_set_tunnel_key` takes).
+    pub node_ip: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<NodeRoute>() == 8);
+const _: () = assert!(offset_of!(NodeRoute, node_ip) == 0);
+
+/// Key of [`NODE_ROUTES_MAP`]: an LPM trie key (`prefix_len`, then the address in packet
+/// byte order), the layout of both `aya::maps::lpm_trie::Key<u32>` and the kernel's
+/// `struct bpf_lpm_trie_key`.
+pub const NODE_ROUTES_KEY_SIZE: usize = 8;
+
+/// The node's VXLAN device, written by the agent when it (re)creates the device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// ifindex of the VXLAN device (0: not configured, remote traffic goes to the stack).
+    pub ifindex: u32,
+    /// VXLAN network identifier of the cluster.
+    pub vni: u32,
+    /// MAC address every node gives its VXLAN device: inner frames carry it as their
+    /// destination so the receiving device takes them as PACKET_HOST.
+    pub mac: [u8; 6],
+    /// Reserved, zero.
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(size_of::<TunnelConfig>() == 16);
+const _: () = assert!(offset_of!(TunnelConfig, ifindex) == 0);
+const _: () = assert!(offset_of!(TunnelConfig, vni) == 4);
+const _: () = assert!(offset_of!(TunnelConfig, mac) == 8);
+
+/// Slots of [`DATAPATH_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathStat {
+    /// Pod -> pod on the same node (redirect_peer from a pod veth).
+    LocalDelivered = 0,
+    /// Pod -> other node (redirected into the VXLAN device).
+    TunnelOut = 1,
+    /// Other node -> local pod (redirect_peer from the VXLAN device).
+    TunnelIn = 2,
+    /// Handed to the node's stack (pod -> node, pod -> outside the cluster).
+    ToStack = 3,
+    /// Node's stack -> pod (host veth egress).
+    ToPod = 4,
+    /// Dropped: a packet for the VXLAN device with no remote node for its destination.
+    DropNoRoute = 5,
+    /// Dropped: the kernel refused a redirect.
+    DropRedirect = 6,
+}
+
+impl DatapathStat {
+    /// Number of slots, i.e. `max_entries` of the map.
+    pub const COUNT: u32 = 7;
+    /// Every slot, in index order (for readers such as `skiff-net`).
+    pub const ALL: [DatapathStat; 7] = [
+        DatapathStat::LocalDelivered,
+        DatapathStat::TunnelOut,
+        DatapathStat::TunnelIn,
+        DatapathStat::ToStack,
+        DatapathStat::ToPod,
+        DatapathStat::DropNoRoute,
+        DatapathStat::DropRedirect,
+    ];
+
+    /// snake_case name for tables and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DatapathStat::LocalDelivered => "local_delivered",
+            DatapathStat::TunnelOut => "tunnel_out",
+            DatapathStat::TunnelIn => "tunnel_in",
+            DatapathStat::ToStack => "to_stack",
+            DatapathStat::ToPod => "to_pod",
+            DatapathStat::DropNoRoute => "drop_no_route",
+            DatapathStat::DropRedirect => "drop_redirect",
+        }
+    }
+}
+
+/// The key word of an IPv4 address as the maps store it (see the section comment).
+pub const fn ipv4_key(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integer/byte-array fields, no implicit padding (asserted above).
+unsafe impl aya::Pod for LocalPod {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeRoute {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for TunnelConfig {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_key_is_the_packet_word() {
+        // The word loaded from an IP header on a little-endian machine.
+        assert_eq!(ipv4_key([10, 244, 1, 2]).to_ne_bytes(), [10, 244, 1, 2]);
+        assert_eq!(DatapathStat::ALL.len() as u32, DatapathStat::COUNT);
+        for (i, s) in DatapathStat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+    }
 
     #[test]
     fn add_sums_fields() {

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+mod pod_network;
+
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     macros::{classifier, map},

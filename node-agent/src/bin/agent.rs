@@ -10,7 +10,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use skiff_agent::kubelet::agent::{self, AgentConfig};
+use skiff_agent::{
+    cni::PodNetworkMode,
+    kubelet::agent::{self, AgentConfig},
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "skiff-agent", version, about = "skiff node agent (kubelet)")]
@@ -54,6 +57,13 @@ struct Args {
     /// without the apiserver as their source; each gets a mirror pod `<pod>-<node>`.
     #[arg(long)]
     manifest_dir: Option<PathBuf>,
+    /// How pods are connected: `ebpf` (tc programs, VXLAN to other nodes) or
+    /// `host-routes` (only node <-> its pods; for agents sharing one network namespace).
+    #[arg(long, value_enum, default_value_t = PodNetworkMode::Ebpf)]
+    pod_network: PodNetworkMode,
+    /// bpffs directory for this node's pinned maps (default /sys/fs/bpf/skiff/<node>).
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -81,6 +91,10 @@ async fn main() -> anyhow::Result<()> {
     cfg.port = a.port;
     cfg.bind_address = a.bind_address;
     cfg.manifest_dir = a.manifest_dir;
+    cfg.pod_network = a.pod_network;
+    if let Some(d) = a.bpffs_dir {
+        cfg.bpffs_dir = d;
+    }
     let node = cfg.node_name.clone();
     let run = agent::run(cfg, move || {
         use std::io::Write;

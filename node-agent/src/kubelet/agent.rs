@@ -29,8 +29,14 @@ use kube::{
 };
 use tokio::sync::{Mutex, RwLock, watch};
 
-use super::{
+use crate::cni::{
+    PodNetworkMode,
+    datapath::{DEFAULT_VNI, Datapath, DatapathConfig},
     network::{Ipv4Net, PodNetworks},
+    node_routes,
+};
+
+use super::{
     node,
     pod_worker::{self, LABEL_POD_UID},
     runtime::{ContainerInfo, Runtime},
@@ -59,6 +65,10 @@ pub struct AgentConfig {
     pub bind_address: Option<std::net::IpAddr>,
     /// Static pod manifests (`--manifest-dir`), see [`super::static_pods`].
     pub manifest_dir: Option<PathBuf>,
+    /// How pods are connected (`--pod-network`).
+    pub pod_network: PodNetworkMode,
+    /// bpffs directory of the pinned maps; default /sys/fs/bpf/skiff/<node>.
+    pub bpffs_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -76,6 +86,10 @@ impl AgentConfig {
             port: 10250,
             bind_address: None,
             manifest_dir: None,
+            pod_network: PodNetworkMode::Ebpf,
+            bpffs_dir: PathBuf::from(crate::ebpf::bpffs::DEFAULT_MOUNT)
+                .join("skiff")
+                .join(node_name),
         }
     }
 }
@@ -153,6 +167,21 @@ async fn client_from(cfg: &AgentConfig) -> anyhow::Result<Client> {
 /// registered.
 pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // The data path first: an unusable kernel or node refuses the start before anything
+    // (Node object, containers) exists.
+    let datapath = match cfg.pod_network {
+        PodNetworkMode::Ebpf => {
+            let dp_cfg = DatapathConfig {
+                node_ip: cfg.node_ip,
+                pin_dir: cfg.bpffs_dir.clone(),
+                vni: DEFAULT_VNI,
+                object: Default::default(),
+            };
+            let dp = tokio::task::spawn_blocking(move || Datapath::start(&dp_cfg)).await??;
+            Some(Arc::new(dp))
+        }
+        PodNetworkMode::HostRoutes => None,
+    };
     std::fs::create_dir_all(&cfg.root_dir)?;
     let listener = super::server::bind(
         cfg.bind_address
@@ -163,7 +192,10 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
     cfg.port = listener.local_addr()?.port();
     tracing::info!("kubelet API on https://{}", listener.local_addr()?);
     let client = client_from(&cfg).await?;
-    let networks = PodNetworks::new(&cfg.root_dir, cfg.node_ip)?;
+    let mut networks = PodNetworks::new(&cfg.root_dir, cfg.node_ip)?;
+    if let Some(dp) = &datapath {
+        networks = networks.with_datapath(dp.clone());
+    }
     let (pod_cidr_tx, pod_cidr) = watch::channel(None);
     let k = Arc::new(Kubelet {
         cfg,
@@ -221,7 +253,31 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
     tokio::spawn(node::lease_loop(k.clone()));
     tokio::spawn(node::status_loop(k.clone(), health, version));
     tokio::spawn(super::static_pods::run(k.clone()));
-    pod_loop(k).await
+    let Some(dp) = datapath else {
+        return pod_loop(k).await;
+    };
+    tokio::spawn(node_routes::run(
+        k.client.clone(),
+        k.cfg.node_name.clone(),
+        dp.clone(),
+    ));
+    tokio::select! {
+        r = pod_loop(k.clone()) => r,
+        r = guard_pod_cidr(k, dp) => r,
+    }
+}
+
+/// Stops the agent when the node's podCIDR overlaps the node network.
+async fn guard_pod_cidr(k: Arc<Kubelet>, dp: Arc<Datapath>) -> anyhow::Result<()> {
+    let mut cidr = k.pod_cidr.clone();
+    loop {
+        if let Some(c) = *cidr.borrow_and_update() {
+            dp.check_pod_cidr(c)?;
+        }
+        if cidr.changed().await.is_err() {
+            return Ok(());
+        }
+    }
 }
 
 struct WorkerHandle {

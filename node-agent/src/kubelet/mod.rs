@@ -6,7 +6,7 @@
 //! - [`pod_worker`]: one pod, level-triggered: network, init and app containers,
 //!   restarts with backoff, probes, status, graceful deletion.
 //! - [`pod_status`]: phase and restart rules, quantities.
-//! - [`network`]: per-pod netns + veth + /32 from the node's podCIDR (`ip` commands).
+//! - pod networks: [`crate::cni`].
 //! - [`env`]: container environment (valueFrom, envFrom, `$(VAR)` expansion).
 //! - [`probes`]: httpGet/tcpSocket/exec probes.
 //! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
@@ -20,7 +20,7 @@
 pub mod agent;
 pub mod containerd_process;
 pub mod env;
-pub mod network;
+
 pub mod node;
 pub mod pod_status;
 pub mod pod_worker;

@@ -31,10 +31,8 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{
-    agent::{Kubelet, now, now_ts},
-    network::Ipv4Net,
-};
+use super::agent::{Kubelet, now, now_ts};
+use crate::cni::network::Ipv4Net;
 
 /// kubelet version reported in nodeInfo.
 pub const KUBELET_VERSION: &str = "v1.37.0-skiff";

@@ -4,7 +4,7 @@
 //! of the pod's containers in containerd (found by id; at start also by the labels
 //! [`LABEL_POD_UID`] and friends, which is how an agent restart adopts what runs), probe
 //! results.
-//! What it decides, every sync: network first (netns + veth + IP, [`super::network`]),
+//! What it decides, every sync: network first (netns + veth + IP, [`crate::cni::network`]),
 //! then init containers in order (each must exit 0), then app containers: start what is
 //! missing, restart what exited when restartPolicy says so (CrashLoopBackOff: 10 s
 //! doubling to 5 min; the first restart is immediate), restart what failed its liveness
@@ -43,10 +43,11 @@ use tokio::{
     task::JoinHandle,
 };
 
+use crate::cni::network::{PodNetwork, uid_prefix};
+
 use super::{
     agent::{Kubelet, now},
     env::{self, PodFields},
-    network::{PodNetwork, uid_prefix},
     pod_status::{parse_quantity, phase, should_restart},
     probes::{ProbeTarget, Prober},
     runtime::{
@@ -507,6 +508,25 @@ impl Worker {
         if let Some(n) = &self.net
             && n.netns_path.exists()
         {
+            return Ok(());
+        }
+        let host_network = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if host_network {
+            // The node's own network namespace (the one the agent runs in) and address.
+            self.net = Some(PodNetwork {
+                netns: "host".into(),
+                netns_path: std::path::PathBuf::from(format!(
+                    "/proc/{}/ns/net",
+                    std::process::id()
+                )),
+                host_veth: String::new(),
+                ip: self.k.cfg.node_ip,
+            });
             return Ok(());
         }
         let cidr = (*self.k.pod_cidr.borrow())

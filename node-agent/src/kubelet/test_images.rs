@@ -44,6 +44,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
 #[derive(Debug)]
 pub struct LocalRegistry {
     child: Option<Child>,
+    ip: std::net::Ipv4Addr,
     port: u16,
     dir: PathBuf,
 }
@@ -52,6 +53,12 @@ impl LocalRegistry {
     /// Starts the registry with storage under `dir` (created if missing) and waits until
     /// `GET /v2/` answers 200 (at most 20 s).
     pub fn start(dir: impl AsRef<Path>) -> io::Result<Self> {
+        Self::start_on(dir, std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`LocalRegistry::start`], listening on `ip` (e.g. a test bridge's host
+    /// address, so agents in node network namespaces can pull).
+    pub fn start_on(dir: impl AsRef<Path>, ip: std::net::Ipv4Addr) -> io::Result<Self> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir.join("storage"))?;
         let dir = dir.canonicalize()?;
@@ -68,7 +75,7 @@ impl LocalRegistry {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n",
                 dir.join("storage").display()
             ),
         )?;
@@ -83,6 +90,7 @@ impl LocalRegistry {
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {REGISTRY_BIN}: {e}")))?;
         let mut me = LocalRegistry {
             child: Some(child),
+            ip,
             port,
             dir,
         };
@@ -109,7 +117,7 @@ impl LocalRegistry {
     }
 
     fn v2_ok(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = TcpStream::connect((self.ip, self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -127,7 +135,7 @@ impl LocalRegistry {
     /// `127.0.0.1:<port>`: the registry part of image references, and the entry to put in
     /// the insecure (plain http) hosts list.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The port it listens on.

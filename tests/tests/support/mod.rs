@@ -11,9 +11,9 @@ use std::{
 };
 
 use serde_json::Value;
+use skiff_agent::cni::network::PodNetworks;
 use skiff_agent::kubelet::{
     containerd_process::unmount_under,
-    network::PodNetworks,
     runtime::{cgroup_dirs, remove_cgroup_tree},
 };
 

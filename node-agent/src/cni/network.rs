@@ -12,8 +12,12 @@
 //! - teardown removes the host route, the netns (which takes the veth pair with it) and
 //!   the allocation file. Every step is idempotent.
 //!
-//! Forwarding between pods and across nodes is the eBPF data path's job (DESIGN.md: tc on
-//! the host veth); nothing here touches iptables or global sysctls.
+//! With the eBPF data path ([`super::datapath`]) both veth ends get the tunnel-sized MTU and
+//! the pod is handed to the data path (tc programs on the host veth, local pods map);
+//! forwarding between pods and across nodes is its job. Nothing here touches iptables.
+//!
+//! Links are looked up with `ip`, not /sys/class/net: the agent may run in a node network
+//! namespace while /sys still shows the host's.
 
 use std::{
     fs,
@@ -21,8 +25,10 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
+
+use super::datapath::Datapath;
 
 /// Prefix of every pod network namespace (`/run/netns/skiff-<12 hex of the uid>`).
 pub const NETNS_PREFIX: &str = "skiff-";
@@ -32,7 +38,7 @@ pub const VETH_PREFIX: &str = "skv";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// An IPv4 network (`10.244.1.0/24`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ipv4Net {
     pub addr: Ipv4Addr,
     pub prefix: u8,
@@ -119,6 +125,8 @@ pub struct PodNetworks {
     /// Source address for host -> pod traffic (None: the kernel picks one).
     host_src: Option<Ipv4Addr>,
     lock: Mutex<()>,
+    /// The eBPF data path (`--pod-network ebpf`), None for host routes only.
+    datapath: Option<Arc<Datapath>>,
 }
 
 fn ip(args: &[&str]) -> Result<String, String> {
@@ -138,7 +146,7 @@ fn ip(args: &[&str]) -> Result<String, String> {
 }
 
 fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    ip(&["link", "show", "dev", name]).is_ok()
 }
 
 impl PodNetworks {
@@ -151,7 +159,25 @@ impl PodNetworks {
             ipam_dir,
             host_src: (!node_ip.is_loopback() && !node_ip.is_unspecified()).then_some(node_ip),
             lock: Mutex::new(()),
+            datapath: None,
         })
+    }
+
+    /// Hands every pod network to `datapath` from now on, and drops its local pod entries
+    /// that no allocation backs (pods removed while no agent ran).
+    pub fn with_datapath(mut self, datapath: Arc<Datapath>) -> Self {
+        let allocated: Vec<Ipv4Addr> = self.allocations().into_iter().map(|(ip, _)| ip).collect();
+        for ip in datapath.local_pods() {
+            if !allocated.contains(&ip) {
+                datapath.remove_pod(ip);
+            }
+        }
+        self.datapath = Some(datapath);
+        self
+    }
+
+    pub fn datapath(&self) -> Option<&Arc<Datapath>> {
+        self.datapath.as_ref()
     }
 
     /// (ip, uid) of every allocation.
@@ -236,11 +262,17 @@ impl PodNetworks {
                 "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
         }
+        if let Some(dp) = &self.datapath {
+            // Room for the VXLAN headers on the way to other nodes.
+            let mtu = dp.pod_mtu().to_string();
+            ip(&["link", "set", &hv, "mtu", &mtu])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
+        }
         let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{hv}/proxy_arp"), "1");
         ip(&["link", "set", &hv, "up"])?;
-        let mac = fs::read_to_string(format!("/sys/class/net/{hv}/address"))
-            .map_err(|e| format!("reading the MAC of {hv}: {e}"))?;
-        let mac = mac.trim();
+        let (_, mac) = super::datapath::link_info(&hv, None).map_err(|e| e.to_string())?;
+        let mac = super::preflight::format_mac(&mac);
+        let mac = mac.as_str();
         let cidr32 = format!("{ipaddr}/32");
         let gw = GATEWAY.to_string();
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -271,6 +303,10 @@ impl PodNetworks {
             route.extend(["src", s.as_str()]);
         }
         ip(&route)?;
+        if let Some(dp) = &self.datapath {
+            dp.add_pod(ipaddr, &hv, &ns)
+                .map_err(|e| format!("connecting the pod to the eBPF data path: {e}"))?;
+        }
         Ok(PodNetwork {
             netns: ns,
             netns_path,
@@ -287,6 +323,9 @@ impl PodNetworks {
         for (ipaddr, u) in self.allocations() {
             if u == uid {
                 let _ = ip(&["route", "del", &format!("{ipaddr}/32"), "dev", &hv]);
+                if let Some(dp) = &self.datapath {
+                    dp.remove_pod(ipaddr);
+                }
             }
         }
         if Path::new("/run/netns").join(&ns).exists()
