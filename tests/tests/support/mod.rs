@@ -225,6 +225,7 @@ pub fn run_bounded(mut cmd: Command, input: Option<&str>, timeout: Duration) -> 
     }
 }
 
+#[derive(Clone)]
 pub struct Cluster {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
@@ -296,3 +297,4 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+pub mod net_cluster;
