@@ -2,6 +2,8 @@
 //!
 //! Each bench is a `harness = false` cargo bench target, so it builds with the bench
 //! (release) profile; xtask only forwards arguments and does not link skiff crates.
+//! Benches listed in [`NEEDS_RELEASE_BINS`] run the skiff binaries of target/release,
+//! which xtask builds first (`cargo build --release -p skiff-agent -p skiff-control --bins`).
 
 use std::path::Path;
 use std::process::Command;
@@ -31,7 +33,17 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "pod create -> Running p50/p99/max on one skiff-agent, agent idle RSS \
          (args: --pods N (50); needs `cargo build --release -p skiff-agent -p skiff-control --bins`)",
     ),
+    (
+        "pod-network",
+        "skiff-tests",
+        "pod_network",
+        "iperf3 Gbit/s and TCP_RR p50/p99, pod-to-pod on one node and across nodes vs \
+         node-to-node over the bridge, with ratios (args: --quick; 2 nodes, eBPF data path)",
+    ),
 ];
+
+/// Benches that start skiff-agent / skiff-control binaries from target/release.
+const NEEDS_RELEASE_BINS: &[&str] = &["pod-network"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {
@@ -45,6 +57,24 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?;
+    if NEEDS_RELEASE_BINS.contains(&name.as_str()) {
+        let mut build = Command::new(&cargo);
+        build.current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "skiff-agent",
+            "-p",
+            "skiff-control",
+            "--bins",
+        ]);
+        let status = build
+            .status()
+            .with_context(|| format!("cannot start {build:?}"))?;
+        if !status.success() {
+            bail!("building the release binaries for bench {name} failed ({status}): {build:?}");
+        }
+    }
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
         .args(["bench", "-p", package, "--bench", target, "--"])
@@ -61,7 +91,7 @@ pub fn run(args: &[String]) -> Result<()> {
 fn available() -> String {
     let mut out = String::from("available benches:");
     for (name, _, _, about) in BENCHES {
-        out.push_str(&format!("\n  {name:<10} {about}"));
+        out.push_str(&format!("\n  {name:<12} {about}"));
     }
     out
 }
