@@ -10,3 +10,4 @@
 pub mod cni;
 pub mod ebpf;
 pub mod kubelet;
+pub mod proxy;

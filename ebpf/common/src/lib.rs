@@ -204,6 +204,202 @@ unsafe impl aya::Pod for NodeRoute {}
 // SAFETY: as above.
 unsafe impl aya::Pod for TunnelConfig {}
 
+// ---------------------------------------------------------------------------------------
+// Service load balancing (node-agent/src/proxy): socket-level programs at the node's pod
+// cgroup (connect4, sendmsg4, recvmsg4, getpeername4). The layout follows Cilium's lb4
+// maps: one hash map holds, per service frontend, a master entry (slot 0: backend count,
+// flags) and one entry per backend slot (slot i: backend id), so choosing a backend is
+// two lookups and a one-service change touches only that service's keys.
+
+/// Service frontends and their backend slots: [`ServiceKey`] -> [`ServiceEntry`].
+pub const SERVICES_MAP: &str = "SKIFF_SERVICES";
+/// Backends by id: `u32` -> [`Backend`].
+pub const BACKENDS_MAP: &str = "SKIFF_BACKENDS";
+/// Per socket: the frontend a socket was translated from (LRU) for replies and
+/// getpeername: [`SockRevNatKey`] -> [`SockRevNat`].
+pub const SOCK_REV_NAT_MAP: &str = "SKIFF_SOCK_REV_NAT";
+/// sessionAffinity ClientIP (LRU): [`AffinityKey`] -> [`AffinityValue`].
+pub const AFFINITY_MAP: &str = "SKIFF_AFFINITY";
+/// Per-CPU [`PacketCounter`]s of the load balancer indexed by [`LbStat`].
+pub const LB_STATS_MAP: &str = "SKIFF_LB_STATS";
+
+pub const CONNECT4_PROGRAM: &str = "skiff_connect4";
+pub const SENDMSG4_PROGRAM: &str = "skiff_sendmsg4";
+pub const RECVMSG4_PROGRAM: &str = "skiff_recvmsg4";
+pub const GETPEERNAME4_PROGRAM: &str = "skiff_getpeername4";
+
+/// Capacity of [`SERVICES_MAP`] (frontends plus backend slots).
+pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
+/// Capacity of [`BACKENDS_MAP`].
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Capacity of [`SOCK_REV_NAT_MAP`] (LRU).
+pub const MAX_SOCK_REV_NAT: u32 = 131_072;
+/// Capacity of [`AFFINITY_MAP`] (LRU).
+pub const MAX_AFFINITY: u32 = 65_536;
+
+/// `IPPROTO_TCP` / `IPPROTO_UDP`.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A service frontend (VIP, port, protocol) and a slot: 0 is the service itself,
+/// 1..=count its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Packet byte order (see [`ipv4_key`]).
+    pub addr: u32,
+    /// Network byte order, as `bpf_sock_addr.user_port` carries it.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub slot: u16,
+    pub _pad1: u16,
+}
+
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+const _: () = assert!(offset_of!(ServiceKey, port) == 4);
+const _: () = assert!(offset_of!(ServiceKey, proto) == 6);
+const _: () = assert!(offset_of!(ServiceKey, slot) == 8);
+
+/// Flags of a service's master entry.
+pub const SVC_FLAG_AFFINITY: u8 = 1;
+
+/// Slot 0: `count` backends, flags, affinity timeout, the reverse-NAT id. Slot i:
+/// `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub backend_id: u32,
+    pub count: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// sessionAffinityConfig.clientIP.timeoutSeconds.
+    pub affinity_timeout: u32,
+    /// Identifies the frontend (affinity key, reverse NAT).
+    pub rev_nat_id: u32,
+}
+
+const _: () = assert!(size_of::<ServiceEntry>() == 16);
+const _: () = assert!(offset_of!(ServiceEntry, count) == 4);
+const _: () = assert!(offset_of!(ServiceEntry, flags) == 6);
+const _: () = assert!(offset_of!(ServiceEntry, affinity_timeout) == 8);
+const _: () = assert!(offset_of!(ServiceEntry, rev_nat_id) == 12);
+
+/// A backend address (pod IP and target port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    /// Packet byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(offset_of!(Backend, port) == 4);
+
+/// A translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(size_of::<SockRevNatKey>() == 16);
+
+/// The frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub rev_nat_id: u32,
+}
+
+const _: () = assert!(size_of::<SockRevNat>() == 12);
+
+/// A client (its network namespace cookie: one pod) and a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub client: u64,
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+/// Slots of [`LB_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbStat {
+    /// A socket's destination was a service and got a backend.
+    Translated = 0,
+    /// A service without backends: the connect/sendmsg was refused.
+    NoBackend = 1,
+    /// A reply or getpeername was mapped back to the service address.
+    RevNat = 2,
+    /// The chosen slot or backend entry was missing (a map being updated).
+    MissingBackend = 3,
+}
+
+impl LbStat {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [LbStat; 4] = [
+        LbStat::Translated,
+        LbStat::NoBackend,
+        LbStat::RevNat,
+        LbStat::MissingBackend,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            LbStat::Translated => "translated",
+            LbStat::NoBackend => "no_backend",
+            LbStat::RevNat => "rev_nat",
+            LbStat::MissingBackend => "missing_backend",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integer fields, padding explicit (sizes asserted above).
+unsafe impl aya::Pod for ServiceKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for ServiceEntry {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for Backend {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SockRevNatKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SockRevNat {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for AffinityKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for AffinityValue {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod pod_network;
+mod service_lb;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,

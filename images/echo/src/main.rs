@@ -6,6 +6,12 @@
 //! - UDP: every datagram is answered with `<pod name> <payload>`.
 //!
 //! The pod name is `$POD_NAME`, else the hostname (the kubelet sets it to the pod's name).
+//!
+//! Client modes (for tests from inside pods, where busybox has no UDP client):
+//! - `echo udp HOST:PORT MESSAGE [COUNT]`: sends MESSAGE COUNT times (default 1) from one
+//!   unconnected socket, prints each reply as `<reply> from <source address>`;
+//! - `echo tcp HOST:PORT PATH [COUNT]`: COUNT HTTP GETs (a new connection each), prints
+//!   each response body and the connected socket's peer address (`getpeername`).
 //! std only, so it links statically (`cargo xtask images` builds it for
 //! x86_64-unknown-linux-musl) and runs in an empty rootfs.
 
@@ -23,6 +29,16 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: u64 = 16 * 1024 * 1024;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() >= 4 && (args[1] == "udp" || args[1] == "tcp") {
+        let count: usize = args.get(4).and_then(|c| c.parse().ok()).unwrap_or(1);
+        let ok = if args[1] == "udp" {
+            udp_client(&args[2], &args[3], count)
+        } else {
+            tcp_client(&args[2], &args[3], count)
+        };
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     exit_on_term();
     let port: u16 = match std::env::var("PORT") {
         Ok(p) => p.trim().parse().unwrap_or_else(|_| {
@@ -195,4 +211,60 @@ fn serve_http(stream: TcpStream, name: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// `echo udp`: one unconnected socket, COUNT request/reply exchanges (2 s timeout each).
+fn udp_client(addr: &str, msg: &str, count: usize) -> bool {
+    let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else {
+        eprintln!("skiff-echo: udp bind failed");
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut ok = true;
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        if let Err(e) = sock.send_to(msg.as_bytes(), addr) {
+            eprintln!("skiff-echo: send to {addr}: {e}");
+            ok = false;
+            continue;
+        }
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => println!("{} from {from}", String::from_utf8_lossy(&buf[..n]).trim()),
+            Err(e) => {
+                eprintln!("skiff-echo: no reply from {addr}: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// `echo tcp`: COUNT HTTP/1.0 GETs of PATH, each on a new connection.
+fn tcp_client(addr: &str, path: &str, count: usize) -> bool {
+    let mut ok = true;
+    for _ in 0..count {
+        let r = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let peer = s.peer_addr()?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            let body = out
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            Ok(format!("{body} peer {peer}"))
+        })();
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("skiff-echo: {addr}: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
 }

@@ -325,6 +325,12 @@ impl Datapath {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` with the loaded object (the service proxy takes its maps and programs from
+    /// it; they share the pin directory).
+    pub fn with_ebpf<T>(&self, f: impl FnOnce(&mut Ebpf) -> T) -> T {
+        f(&mut self.maps().ebpf)
+    }
+
     pub fn node_ip(&self) -> Ipv4Addr {
         self.node_ip
     }

@@ -35,6 +35,7 @@ use crate::cni::{
     network::{Ipv4Net, PodNetworks},
     node_routes,
 };
+use crate::proxy::ServiceProxy;
 
 use super::{
     node,
@@ -177,10 +178,20 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
                 vni: DEFAULT_VNI,
                 object: Default::default(),
             };
-            let dp = tokio::task::spawn_blocking(move || Datapath::start(&dp_cfg)).await??;
-            Some(Arc::new(dp))
+            let node = cfg.node_name.clone();
+            let (dp, proxy) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let dp = Datapath::start(&dp_cfg)?;
+                let proxy = ServiceProxy::start(&dp, &node)?;
+                Ok((dp, proxy))
+            })
+            .await??;
+            Some((Arc::new(dp), Arc::new(proxy)))
         }
         PodNetworkMode::HostRoutes => None,
+    };
+    let (datapath, proxy) = match datapath {
+        Some((d, p)) => (Some(d), Some(p)),
+        None => (None, None),
     };
     std::fs::create_dir_all(&cfg.root_dir)?;
     let listener = super::server::bind(
@@ -261,6 +272,13 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
         k.cfg.node_name.clone(),
         dp.clone(),
     ));
+    if let Some(proxy) = proxy {
+        tokio::spawn(crate::proxy::reconciler::run(
+            k.client.clone(),
+            k.cfg.node_name.clone(),
+            proxy,
+        ));
+    }
     tokio::select! {
         r = pod_loop(k.clone()) => r,
         r = guard_pod_cidr(k, dp) => r,

@@ -767,6 +767,26 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
         .stdout(pipe(req.stdout))
         .stderr(pipe(req.stderr))
         .kill_on_drop(true);
+    // The command joins the container's cgroups too (limits apply, and the node's
+    // cgroup eBPF programs, e.g. the socket load balancer, see it as the pod).
+    let procs: Vec<std::ffi::CString> = container_cgroup_procs(req.pid)
+        .into_iter()
+        .filter_map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok())
+        .collect();
+    // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on
+    // memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for p in &procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -1000,4 +1020,24 @@ mod tests {
             "3"
         );
     }
+}
+
+/// The `cgroup.procs` files of the cgroups process `pid` is in, in every mounted
+/// hierarchy (the agent lays containers out at the same path in v1 and v2).
+fn container_cgroup_procs(pid: u32) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return vec![];
+    };
+    let Some(path) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| text.lines().find_map(|l| l.splitn(3, ':').nth(2)))
+    else {
+        return vec![];
+    };
+    super::runtime::cgroup_dirs(path)
+        .into_iter()
+        .map(|d| d.join("cgroup.procs"))
+        .filter(|p| p.exists())
+        .collect()
 }

@@ -1,0 +1,291 @@
+//! What a Service should look like in the maps of one node: pure functions from a
+//! Service and its EndpointSlices to frontends and backends, with Kubernetes' rules
+//! (ready endpoints only, named target ports, internalTrafficPolicy Local, sessionAffinity
+//! ClientIP, headless and SCTP services skipped).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use skiff_ebpf_common::{PROTO_TCP, PROTO_UDP};
+
+/// The default of sessionAffinityConfig.clientIP.timeoutSeconds (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A service address a client can connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+/// A backend address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+/// One frontend's desired state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    /// Sorted, without duplicates.
+    pub backends: Vec<BackendAddr>,
+    /// Some(timeout seconds) under sessionAffinity ClientIP.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// A service's frontends; empty for headless services.
+pub type DesiredService = BTreeMap<Frontend, DesiredFrontend>;
+
+/// Why a Service was skipped (reported as an Event).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn proto_of(p: Option<&str>) -> Result<u8, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(PROTO_TCP),
+        "UDP" => Ok(PROTO_UDP),
+        other => Err(other.to_string()),
+    }
+}
+
+/// The desired frontends of `svc` on node `node`, from the EndpointSlices of that
+/// Service. Ports with an unsupported protocol are left out and reported.
+pub fn desired_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &str,
+) -> (DesiredService, Vec<Skipped>) {
+    let mut out = DesiredService::new();
+    let mut skipped = vec![];
+    let Some(spec) = svc.spec.as_ref() else {
+        return (out, skipped);
+    };
+    let mut vips: Vec<Ipv4Addr> = vec![];
+    let cluster_ips: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    for ip in cluster_ips {
+        // "None" (headless) and IPv6 addresses do not parse as IPv4.
+        if let Ok(a) = ip.parse() {
+            vips.push(a);
+        }
+    }
+    if vips.is_empty() {
+        return (out, skipped);
+    }
+    for ip in spec.external_ips.iter().flatten() {
+        if let Ok(a) = ip.parse() {
+            vips.push(a);
+        }
+    }
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok());
+    vips.extend(lb_ips);
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    for p in spec.ports.iter().flatten() {
+        let proto = match proto_of(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(other) => {
+                skipped.push(Skipped {
+                    reason: "UnsupportedProtocol",
+                    message: format!(
+                        "port {} ({}) uses protocol {other}, which skiff's service proxy does not support (TCP and UDP only); the port is not load-balanced",
+                        p.port,
+                        p.name.as_deref().unwrap_or("unnamed")
+                    ),
+                });
+                continue;
+            }
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            skipped.push(Skipped {
+                reason: "InvalidPort",
+                message: format!("port {} is out of range 1-65535", p.port),
+            });
+            continue;
+        };
+        if port == 0 {
+            continue;
+        }
+        let name = p.name.as_deref().unwrap_or("");
+        let mut backends = vec![];
+        for slice in slices {
+            if slice.address_type != "IPv4" {
+                continue;
+            }
+            let Some(target) = slice.ports.iter().flatten().find(|sp| {
+                sp.name.as_deref().unwrap_or("") == name
+                    && proto_of(sp.protocol.as_deref()).ok() == Some(proto)
+            }) else {
+                continue;
+            };
+            let Some(tport) = target.port.and_then(|t| u16::try_from(t).ok()) else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().flatten() {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                if local_only && ep.node_name.as_deref() != Some(node) {
+                    continue;
+                }
+                for a in &ep.addresses {
+                    if let Ok(addr) = a.parse() {
+                        backends.push(BackendAddr {
+                            addr,
+                            port: tport,
+                            proto,
+                        });
+                    }
+                }
+            }
+        }
+        backends.sort();
+        backends.dedup();
+        for vip in &vips {
+            out.insert(
+                Frontend {
+                    addr: *vip,
+                    port,
+                    proto,
+                },
+                DesiredFrontend {
+                    backends: backends.clone(),
+                    affinity_timeout,
+                },
+            );
+        }
+    }
+    (out, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).unwrap()
+    }
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn ready_endpoints_named_ports_affinity() {
+        let s = svc(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "clusterIP": "10.96.0.20",
+                "sessionAffinity": "ClientIP",
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": "web"},
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "sctp", "port": 99, "protocol": "SCTP"}
+                ]
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "172.18.0.50"}]}}
+        }));
+        let sl = slice(json!({
+            "metadata": {"name": "web-abc", "namespace": "default",
+                         "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": true}, "nodeName": "n1"},
+                {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "terminating": true}, "nodeName": "n2"},
+                {"addresses": ["10.244.2.3"], "nodeName": "n2"}
+            ]
+        }));
+        let (d, skipped) = desired_service(&s, &[&sl], "n1");
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].message.contains("SCTP"), "{:?}", skipped);
+        let http = Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+        };
+        let f = &d[&http];
+        assert_eq!(f.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+        let addrs: Vec<String> = f
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect();
+        assert_eq!(
+            addrs,
+            ["10.244.1.2:8080", "10.244.2.3:8080"],
+            "the terminating one is out"
+        );
+        let dns = Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port: 53,
+            proto: PROTO_UDP,
+        };
+        assert_eq!(d[&dns].backends[0].port, 5353);
+        let lb = Frontend {
+            addr: "172.18.0.50".parse().unwrap(),
+            ..http
+        };
+        assert_eq!(
+            d[&lb].backends.len(),
+            2,
+            "the LoadBalancer IP is a frontend too"
+        );
+        assert_eq!(d.len(), 4);
+    }
+
+    #[test]
+    fn headless_and_local_policy() {
+        let headless = svc(json!({
+            "metadata": {"name": "h"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+        }));
+        assert!(desired_service(&headless, &[], "n1").0.is_empty());
+        let local = svc(json!({
+            "metadata": {"name": "l"},
+            "spec": {"clusterIP": "10.96.0.21", "internalTrafficPolicy": "Local",
+                     "ports": [{"port": 80}]}
+        }));
+        let sl = slice(json!({
+            "metadata": {"name": "l-1"},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "nodeName": "n1"},
+                {"addresses": ["10.244.2.2"], "nodeName": "n2"}
+            ]
+        }));
+        let (d, _) = desired_service(&local, &[&sl], "n2");
+        let f = d.values().next().unwrap();
+        assert_eq!(f.backends.len(), 1);
+        assert_eq!(f.backends[0].addr.to_string(), "10.244.2.2");
+        assert_eq!(f.affinity_timeout, None);
+    }
+}
