@@ -12,6 +12,7 @@
 //!   unconnected socket, prints each reply as `<reply> from <source address>`;
 //! - `echo tcp HOST:PORT PATH [COUNT]`: COUNT HTTP GETs (a new connection each), prints
 //!   each response body and the connected socket's peer address (`getpeername`).
+//!
 //! std only, so it links statically (`cargo xtask images` builds it for
 //! x86_64-unknown-linux-musl) and runs in an empty rootfs.
 
