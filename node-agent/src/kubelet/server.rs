@@ -898,6 +898,26 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `cgroup.procs` files of the cgroups process `pid` is in, in every mounted
+/// hierarchy (the agent lays containers out at the same path in v1 and v2).
+fn container_cgroup_procs(pid: u32) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return vec![];
+    };
+    let Some(path) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| text.lines().find_map(|l| l.splitn(3, ':').nth(2)))
+    else {
+        return vec![];
+    };
+    super::runtime::cgroup_dirs(path)
+        .into_iter()
+        .map(|d| d.join("cgroup.procs"))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1020,24 +1040,4 @@ mod tests {
             "3"
         );
     }
-}
-
-/// The `cgroup.procs` files of the cgroups process `pid` is in, in every mounted
-/// hierarchy (the agent lays containers out at the same path in v1 and v2).
-fn container_cgroup_procs(pid: u32) -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return vec![];
-    };
-    let Some(path) = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .or_else(|| text.lines().find_map(|l| l.splitn(3, ':').nth(2)))
-    else {
-        return vec![];
-    };
-    super::runtime::cgroup_dirs(path)
-        .into_iter()
-        .map(|d| d.join("cgroup.procs"))
-        .filter(|p| p.exists())
-        .collect()
 }

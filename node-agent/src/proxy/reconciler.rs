@@ -36,7 +36,7 @@ type SvcKey = (String, String);
 const BATCH: usize = 512;
 
 enum Change {
-    Service(watcher::Event<Service>),
+    Service(Box<watcher::Event<Service>>),
     Slice(watcher::Event<EndpointSlice>),
 }
 
@@ -100,7 +100,7 @@ impl State {
     /// Folds one watch event into the state; the Services it touches become dirty.
     fn absorb(&mut self, c: Change, dirty: &mut BTreeSet<SvcKey>) {
         match c {
-            Change::Service(ev) => match ev {
+            Change::Service(ev) => match *ev {
                 watcher::Event::Init => self.staged_services.clear(),
                 watcher::Event::InitApply(s) => {
                     self.staged_services.insert(svc_key(&s), s);
@@ -266,7 +266,7 @@ pub async fn run(client: Client, node: String, proxy: Arc<ServiceProxy>) {
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|r| r.map(Change::Service));
+    .map(|r| r.map(|e| Change::Service(Box::new(e))));
     let slices = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
