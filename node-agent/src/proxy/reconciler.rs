@@ -37,7 +37,7 @@ const BATCH: usize = 512;
 
 enum Change {
     Service(Box<watcher::Event<Service>>),
-    Slice(watcher::Event<EndpointSlice>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
 }
 
 /// The reconciler's view of the cluster.
@@ -123,7 +123,7 @@ impl State {
                     dirty.insert(k);
                 }
             },
-            Change::Slice(ev) => match ev {
+            Change::Slice(ev) => match *ev {
                 watcher::Event::Init => self.staged_slices.clear(),
                 watcher::Event::InitApply(s) => self.staged_slices.push(s),
                 watcher::Event::InitDone => {
@@ -272,7 +272,7 @@ pub async fn run(client: Client, node: String, proxy: Arc<ServiceProxy>) {
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|r| r.map(Change::Slice));
+    .map(|r| r.map(|e| Change::Slice(Box::new(e))));
     let mut changes = futures::stream::select(services, slices).boxed();
     let mut state = State::default();
     let mut dirty = BTreeSet::new();
