@@ -22,7 +22,7 @@ use skiff_agent::cni::{
 };
 use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
-    test_images::{LocalRegistry, busybox_image},
+    test_images::{LocalRegistry, busybox_builder, busybox_image},
 };
 use skiff_testbed::{Topology, TopologyConfig};
 
@@ -106,6 +106,7 @@ spec:
 /// pins and files.
 pub struct NetCluster {
     pub agents: BTreeMap<String, Proc>,
+    pub scheduler: Proc,
     pub cm: Proc,
     pub apiserver: Proc,
     pub containerd: ContainerdProcess,
@@ -198,8 +199,17 @@ impl NetCluster {
                 .arg(&kubeconfig),
         );
         cm.wait_stdout("is the leader", Duration::from_secs(30));
+        let mut scheduler = Proc::spawn(
+            "scheduler",
+            &dir,
+            Command::new(binary("skiff-scheduler"))
+                .arg("--kubeconfig")
+                .arg(&kubeconfig),
+        );
+        scheduler.wait_stdout("is the leader", Duration::from_secs(30));
         let mut me = NetCluster {
             agents: BTreeMap::new(),
+            scheduler,
             cm,
             apiserver,
             containerd,
@@ -340,4 +350,61 @@ impl NetCluster {
             (m.len() == count).then_some(m)
         })
     }
+}
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Builds skiff-echo (images/echo) as a static musl binary and pushes an image with
+/// busybox plus `/echo` (entrypoint: the echo server; `/echo udp|tcp ...` as a client) to
+/// the cluster's registry; returns its reference.
+pub fn push_echo_image(net: &NetCluster) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = bin_root();
+    let out = super::run_bounded(
+        {
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(&root).args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "skiff-echo",
+                "--target",
+                MUSL,
+            ]);
+            cmd
+        },
+        None,
+        Duration::from_secs(600),
+    );
+    assert!(
+        out.status.success(),
+        "building skiff-echo for {MUSL} (run `cargo xtask setup` for the target): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = root.join(format!("target/{MUSL}/release/skiff-echo"));
+    let image = busybox_builder()
+        .expect("busybox")
+        .file_from_host("echo", &bin, 0o755)
+        .expect("echo binary")
+        .entrypoint(&["/echo"])
+        .build()
+        .expect("echo image");
+    let reference = net.registry.image_ref("skiff/echo:1.0");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(image.push(&reference))
+        .expect("push the echo image");
+    reference
+}
+
+/// The workspace root (target/<profile>/ is under it).
+fn bin_root() -> PathBuf {
+    super::bin_dir()
+        .ancestors()
+        .find(|p| p.join("Cargo.lock").exists())
+        .expect("the workspace root above the target directory")
+        .to_path_buf()
 }
