@@ -53,6 +53,25 @@ fn tcp_backends(c: &Cluster, client: &str, addr: &str, count: usize) -> Vec<Stri
     names
 }
 
+/// `GET /np` to `addr` from the test host; the answering pod's name.
+fn host_get(addr: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sa: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /np HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+    body.split_whitespace()
+        .next()
+        .map(String::from)
+        .ok_or_else(|| format!("{addr}: no body in {out:?}"))
+}
+
 fn lb_stat(node: &str, s: LbStat) -> u64 {
     read_pinned_lb_stats(&pin_dir(node))
         .expect("read the pinned LB stats")
@@ -246,6 +265,114 @@ fn services_end_to_end() {
         "echo",
         "-p",
         r#"{"spec":{"sessionAffinity":"None"}}"#,
+    ]);
+
+    // --- NodePort on every node IP, from the test host (outside every node). Node 1 has
+    // local and remote backends, so both DNAT paths (and SNAT for remote) run.
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"type":"NodePort"}}"#,
+    ]);
+    let np = c.kubectl(&[
+        "get",
+        "svc",
+        "echo",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
+    let forwards = lb_stat(&n1, LbStat::NodePortForward);
+    for n in [&n1, &n2] {
+        let addr = format!("{}:{}", net.node_ips[n], np.trim());
+        eventually(
+            &format!("NodePort {addr} reaches every backend"),
+            Duration::from_secs(60),
+            || {
+                let names: BTreeSet<String> =
+                    (0..30).filter_map(|_| host_get(&addr).ok()).collect();
+                (names == backends).then_some(())
+            },
+        );
+    }
+    assert!(lb_stat(&n1, LbStat::NodePortForward) > forwards);
+    assert!(lb_stat(&n1, LbStat::NodePortReply) > 0);
+    // externalTrafficPolicy Local: only the node's own backends answer.
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
+    ]);
+    for n in [&n1, &n2] {
+        let local: BTreeSet<String> = c
+            .items(&[
+                "get",
+                "pods",
+                "-l",
+                "app=echo",
+                "--field-selector",
+                &format!("spec.nodeName={n}"),
+            ])
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect();
+        if local.is_empty() {
+            continue;
+        }
+        let addr = format!("{}:{}", net.node_ips[n], np.trim());
+        eventually(
+            &format!("NodePort {addr} with Local policy"),
+            Duration::from_secs(30),
+            || {
+                let names: BTreeSet<String> =
+                    (0..20).filter_map(|_| host_get(&addr).ok()).collect();
+                (names == local).then_some(())
+            },
+        );
+    }
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
+    ]);
+    // LoadBalancer: an address from the pool answers from the host.
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"type":"LoadBalancer"}}"#,
+    ]);
+    let lb_ip = eventually("a LoadBalancer IP", Duration::from_secs(30), || {
+        let ip = c.kubectl(&[
+            "get",
+            "svc",
+            "echo",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]);
+        (!ip.trim().is_empty()).then(|| ip.trim().to_string())
+    });
+    let lb_addr = format!("{lb_ip}:80");
+    eventually(
+        &format!("LoadBalancer {lb_addr} reaches every backend"),
+        Duration::from_secs(60),
+        || {
+            let names: BTreeSet<String> = (0..30).filter_map(|_| host_get(&lb_addr).ok()).collect();
+            (names == backends).then_some(())
+        },
+    );
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"type":"ClusterIP"}}"#,
     ]);
 
     // --- scale down: the removed backends are never chosen again.

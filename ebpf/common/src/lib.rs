@@ -357,15 +357,21 @@ pub enum LbStat {
     RevNat = 2,
     /// The chosen slot or backend entry was missing (a map being updated).
     MissingBackend = 3,
+    /// A NodePort/LoadBalancer packet was translated to a backend.
+    NodePortForward = 4,
+    /// A reply of a translated connection was translated back.
+    NodePortReply = 5,
 }
 
 impl LbStat {
-    pub const COUNT: u32 = 4;
-    pub const ALL: [LbStat; 4] = [
+    pub const COUNT: u32 = 6;
+    pub const ALL: [LbStat; 6] = [
         LbStat::Translated,
         LbStat::NoBackend,
         LbStat::RevNat,
         LbStat::MissingBackend,
+        LbStat::NodePortForward,
+        LbStat::NodePortReply,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -374,6 +380,8 @@ impl LbStat {
             LbStat::NoBackend => "no_backend",
             LbStat::RevNat => "rev_nat",
             LbStat::MissingBackend => "missing_backend",
+            LbStat::NodePortForward => "nodeport_forward",
+            LbStat::NodePortReply => "nodeport_reply",
         }
     }
 }
@@ -399,6 +407,81 @@ unsafe impl aya::Pod for AffinityKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for AffinityValue {}
+
+// ---------------------------------------------------------------------------------------
+// Per-packet load balancing for traffic that sockets do not cover: NodePort and
+// LoadBalancer IPs arriving on the node's interface. DNAT (and SNAT to the node IP when
+// the backend is on another node and externalTrafficPolicy is Cluster), with an LRU
+// connection table holding both directions.
+
+/// Connections: [`CtKey`] (the packet's 5-tuple) -> [`CtEntry`].
+pub const CT_MAP: &str = "SKIFF_CT";
+/// One-slot array: the node's address and interface ([`NodeConfig`]).
+pub const NODE_CONFIG_MAP: &str = "SKIFF_NODE_CONFIG";
+/// tc ingress of the node's interface: NodePort/LoadBalancer traffic.
+pub const NODE_INGRESS_PROGRAM: &str = "skiff_node_ingress";
+/// Capacity of [`CT_MAP`] (LRU: the oldest connections go first when full).
+pub const MAX_CT: u32 = 262_144;
+
+/// externalTrafficPolicy Local: backends are local, the client address is kept.
+pub const SVC_FLAG_LOCAL: u8 = 2;
+
+/// A packet's 5-tuple, addresses and ports as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(offset_of!(CtKey, sport) == 8);
+const _: () = assert!(offset_of!(CtKey, proto) == 12);
+
+/// Forward entries (client -> frontend): the backend `addr`:`port`, and `peer` = the
+/// source to write (the node IP) when [`CT_FLAG_SNAT`]. Reply entries (backend -> client
+/// or node), [`CT_FLAG_REPLY`]: the frontend `addr`:`port` to write as source, and with
+/// [`CT_FLAG_SNAT`] the client `peer`:`peer_port` to write as destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub addr: u32,
+    pub peer: u32,
+    pub port: u16,
+    pub peer_port: u16,
+    pub flags: u32,
+}
+
+const _: () = assert!(size_of::<CtEntry>() == 16);
+const _: () = assert!(offset_of!(CtEntry, port) == 8);
+const _: () = assert!(offset_of!(CtEntry, flags) == 12);
+
+pub const CT_FLAG_REPLY: u32 = 1;
+pub const CT_FLAG_SNAT: u32 = 2;
+
+/// The node's own address (packet byte order) and the ifindex of its interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_ip: u32,
+    pub ifindex: u32,
+}
+
+const _: () = assert!(size_of::<NodeConfig>() == 8);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integer fields, padding explicit (sizes asserted above).
+unsafe impl aya::Pod for CtKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for CtEntry {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeConfig {}
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 
 mod pod_network;
 mod service_lb;
+mod nodeport;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,

@@ -27,14 +27,14 @@ use skiff_ebpf_common::{
 };
 
 #[map]
-static SKIFF_LOCAL_PODS: HashMap<u32, LocalPod> = HashMap::pinned(MAX_LOCAL_PODS, 0);
+pub(crate) static SKIFF_LOCAL_PODS: HashMap<u32, LocalPod> = HashMap::pinned(MAX_LOCAL_PODS, 0);
 
 /// BPF_F_NO_PREALLOC: the kernel requires it for LPM tries.
 #[map]
 static SKIFF_NODE_ROUTES: LpmTrie<u32, NodeRoute> = LpmTrie::pinned(MAX_NODE_ROUTES, 1);
 
 #[map]
-static SKIFF_TUNNEL_CONFIG: Array<TunnelConfig> = Array::pinned(1, 0);
+pub(crate) static SKIFF_TUNNEL_CONFIG: Array<TunnelConfig> = Array::pinned(1, 0);
 
 #[map]
 static SKIFF_DATAPATH_STATS: PerCpuArray<PacketCounter> =
@@ -79,7 +79,7 @@ fn route_of(dst: u32) -> Option<&'static NodeRoute> {
 
 /// Rewrites the MACs (pod's eth0 <- host veth) and moves the packet into the pod's netns.
 #[inline(always)]
-fn deliver(ctx: &mut TcContext, pod: &LocalPod, stat: DatapathStat) -> i32 {
+pub(crate) fn deliver(ctx: &mut TcContext, pod: &LocalPod, stat: DatapathStat) -> i32 {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&pod.pod_mac);
     macs[6..].copy_from_slice(&pod.host_mac);
@@ -97,6 +97,12 @@ pub fn skiff_from_pod(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
+    // A local backend answering a NodePort client.
+    if let Some(t) = crate::nodeport::parse(&ctx)
+        && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)
+    {
+        return verdict;
+    }
     // SAFETY: the map value is read before any helper that could free it runs.
     if let Some(pod) = unsafe { SKIFF_LOCAL_PODS.get(&dst) } {
         let pod = *pod;
@@ -173,6 +179,12 @@ pub fn skiff_tunnel_ingress(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
+    // A remote backend answering a NodePort client (SNATed to this node).
+    if let Some(t) = crate::nodeport::parse(&ctx)
+        && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)
+    {
+        return verdict;
+    }
     // SAFETY: as in skiff_from_pod.
     if let Some(pod) = unsafe { SKIFF_LOCAL_PODS.get(&dst) } {
         let pod = *pod;

@@ -28,11 +28,11 @@ use skiff_ebpf_common::{
 };
 
 #[map]
-static SKIFF_SERVICES: HashMap<ServiceKey, ServiceEntry> =
+pub(crate) static SKIFF_SERVICES: HashMap<ServiceKey, ServiceEntry> =
     HashMap::pinned(MAX_SERVICE_ENTRIES, 0);
 
 #[map]
-static SKIFF_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+pub(crate) static SKIFF_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
 
 #[map]
 static SKIFF_SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNat> =
@@ -50,7 +50,7 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 
 #[inline(always)]
-fn count(stat: LbStat) {
+pub(crate) fn count(stat: LbStat) {
     if let Some(c) = SKIFF_LB_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot from a successful lookup; no concurrent writer on this CPU.
         unsafe { (*c).packets += 1 };

@@ -27,9 +27,9 @@ use aya::{
     },
 };
 use skiff_ebpf_common::{
-    DATAPATH_STATS_MAP, FROM_POD_PROGRAM, LOCAL_PODS_MAP, LocalPod, NODE_ROUTES_MAP, NodeRoute,
-    PacketCounter, TO_POD_PROGRAM, TUNNEL_CONFIG_MAP, TUNNEL_EGRESS_PROGRAM,
-    TUNNEL_INGRESS_PROGRAM, TunnelConfig, ipv4_key,
+    DATAPATH_STATS_MAP, FROM_POD_PROGRAM, LOCAL_PODS_MAP, LocalPod, NODE_CONFIG_MAP,
+    NODE_INGRESS_PROGRAM, NODE_ROUTES_MAP, NodeConfig, NodeRoute, PacketCounter, TO_POD_PROGRAM,
+    TUNNEL_CONFIG_MAP, TUNNEL_EGRESS_PROGRAM, TUNNEL_INGRESS_PROGRAM, TunnelConfig, ipv4_key,
 };
 
 use super::{
@@ -250,6 +250,7 @@ impl Datapath {
             TO_POD_PROGRAM,
             TUNNEL_EGRESS_PROGRAM,
             TUNNEL_INGRESS_PROGRAM,
+            NODE_INGRESS_PROGRAM,
         ] {
             program(&mut ebpf, name)?
                 .load()
@@ -278,6 +279,20 @@ impl Datapath {
                     0,
                 )
                 .map_err(map_err(TUNNEL_CONFIG_MAP))?;
+            let (node_ifindex, _) = link_info(&node_if.name, None)?;
+            let mut node_config: Array<MapData, NodeConfig> =
+                Array::try_from(take_map(&mut ebpf, NODE_CONFIG_MAP)?)
+                    .map_err(map_err(NODE_CONFIG_MAP))?;
+            node_config
+                .set(
+                    0,
+                    NodeConfig {
+                        node_ip: ipv4_key(cfg.node_ip.octets()),
+                        ifindex: node_ifindex,
+                    },
+                    0,
+                )
+                .map_err(map_err(NODE_CONFIG_MAP))?;
             attach(
                 &mut ebpf,
                 TUNNEL_EGRESS_PROGRAM,
@@ -288,6 +303,13 @@ impl Datapath {
                 &mut ebpf,
                 TUNNEL_INGRESS_PROGRAM,
                 VXLAN_DEVICE,
+                TcAttachType::Ingress,
+            )?;
+            // NodePort / LoadBalancer traffic arriving on the node's interface.
+            attach(
+                &mut ebpf,
+                NODE_INGRESS_PROGRAM,
+                &node_if.name,
                 TcAttachType::Ingress,
             )?;
             Ok(())

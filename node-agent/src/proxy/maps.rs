@@ -15,7 +15,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use skiff_ebpf_common::{
-    BACKENDS_MAP, Backend, SERVICES_MAP, SVC_FLAG_AFFINITY, ServiceEntry, ServiceKey, ipv4_key,
+    BACKENDS_MAP, Backend, SERVICES_MAP, SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL, ServiceEntry,
+    ServiceKey, ipv4_key,
 };
 
 use super::model::{BackendAddr, DesiredFrontend, Frontend};
@@ -241,7 +242,7 @@ impl ServiceMaps {
                 SVC_FLAG_AFFINITY
             } else {
                 0
-            },
+            } | if want.local_only { SVC_FLAG_LOCAL } else { 0 },
             _pad: 0,
             affinity_timeout: want.affinity_timeout.unwrap_or(0),
             rev_nat_id,

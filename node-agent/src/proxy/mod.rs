@@ -94,6 +94,7 @@ pub fn pod_cgroup_dir(node: &str) -> Result<PathBuf, ProxyError> {
 pub struct ServiceProxy {
     pub maps: Mutex<ServiceMaps>,
     pub cgroup_dir: PathBuf,
+    pub node_ip: std::net::Ipv4Addr,
     pin_dir: PathBuf,
 }
 
@@ -156,6 +157,7 @@ impl ServiceProxy {
         Ok(ServiceProxy {
             maps: Mutex::new(maps),
             cgroup_dir,
+            node_ip: dp.node_ip(),
             pin_dir,
         })
     }

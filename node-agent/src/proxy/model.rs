@@ -36,6 +36,9 @@ pub struct DesiredFrontend {
     pub backends: Vec<BackendAddr>,
     /// Some(timeout seconds) under sessionAffinity ClientIP.
     pub affinity_timeout: Option<u32>,
+    /// externalTrafficPolicy Local on a NodePort/LoadBalancer frontend: local backends
+    /// only, the client address is kept.
+    pub local_only: bool,
 }
 
 /// A service's frontends; empty for headless services.
@@ -62,6 +65,7 @@ pub fn desired_service(
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &str,
+    node_ip: Ipv4Addr,
 ) -> (DesiredService, Vec<Skipped>) {
     let mut out = DesiredService::new();
     let mut skipped = vec![];
@@ -95,7 +99,10 @@ pub fn desired_service(
         .into_iter()
         .flatten()
         .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok());
-    vips.extend(lb_ips);
+    let lb_ips: Vec<Ipv4Addr> = lb_ips.collect();
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let external = type_ == "NodePort" || type_ == "LoadBalancer";
+    let external_local = external && spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -133,6 +140,7 @@ pub fn desired_service(
         }
         let name = p.name.as_deref().unwrap_or("");
         let mut backends = vec![];
+        let mut local_backends = vec![];
         for slice in slices {
             if slice.address_type != "IPv4" {
                 continue;
@@ -151,22 +159,28 @@ pub fn desired_service(
                 if !ready {
                     continue;
                 }
-                if local_only && ep.node_name.as_deref() != Some(node) {
-                    continue;
-                }
+                let here = ep.node_name.as_deref() == Some(node);
                 for a in &ep.addresses {
                     if let Ok(addr) = a.parse() {
-                        backends.push(BackendAddr {
+                        let b = BackendAddr {
                             addr,
                             port: tport,
                             proto,
-                        });
+                        };
+                        if here {
+                            local_backends.push(b);
+                        }
+                        if here || !local_only {
+                            backends.push(b);
+                        }
                     }
                 }
             }
         }
         backends.sort();
         backends.dedup();
+        local_backends.sort();
+        local_backends.dedup();
         for vip in &vips {
             out.insert(
                 Frontend {
@@ -177,6 +191,30 @@ pub fn desired_service(
                 DesiredFrontend {
                     backends: backends.clone(),
                     affinity_timeout,
+                    local_only: false,
+                },
+            );
+        }
+        // Traffic from outside: LoadBalancer IPs and this node's IP at the nodePort.
+        let external_backends = if external_local {
+            &local_backends
+        } else {
+            &backends
+        };
+        let node_port = p
+            .node_port
+            .filter(|_| external)
+            .and_then(|np| u16::try_from(np).ok())
+            .filter(|np| *np != 0)
+            .map(|np| (node_ip, np));
+        let lb = lb_ips.iter().map(|ip| (*ip, port));
+        for (addr, port) in lb.chain(node_port) {
+            out.insert(
+                Frontend { addr, port, proto },
+                DesiredFrontend {
+                    backends: external_backends.clone(),
+                    affinity_timeout,
+                    local_only: external_local,
                 },
             );
         }
@@ -188,6 +226,8 @@ pub fn desired_service(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 11);
 
     fn svc(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()
@@ -223,7 +263,7 @@ mod tests {
                 {"addresses": ["10.244.2.3"], "nodeName": "n2"}
             ]
         }));
-        let (d, skipped) = desired_service(&s, &[&sl], "n1");
+        let (d, skipped) = desired_service(&s, &[&sl], "n1", NODE_IP);
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].message.contains("SCTP"), "{:?}", skipped);
         let http = Frontend {
@@ -267,7 +307,7 @@ mod tests {
             "metadata": {"name": "h"},
             "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
         }));
-        assert!(desired_service(&headless, &[], "n1").0.is_empty());
+        assert!(desired_service(&headless, &[], "n1", NODE_IP).0.is_empty());
         let local = svc(json!({
             "metadata": {"name": "l"},
             "spec": {"clusterIP": "10.96.0.21", "internalTrafficPolicy": "Local",
@@ -282,7 +322,7 @@ mod tests {
                 {"addresses": ["10.244.2.2"], "nodeName": "n2"}
             ]
         }));
-        let (d, _) = desired_service(&local, &[&sl], "n2");
+        let (d, _) = desired_service(&local, &[&sl], "n2", NODE_IP);
         let f = d.values().next().unwrap();
         assert_eq!(f.backends.len(), 1);
         assert_eq!(f.backends[0].addr.to_string(), "10.244.2.2");

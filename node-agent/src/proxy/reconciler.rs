@@ -159,7 +159,7 @@ pub fn reconcile(
                     .get(&key)
                     .map(|m| m.values().collect())
                     .unwrap_or_default();
-                desired_service(svc, &slices, node)
+                desired_service(svc, &slices, node, proxy.node_ip)
             }
             None => Default::default(),
         };

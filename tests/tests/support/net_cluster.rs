@@ -160,6 +160,11 @@ impl NetCluster {
         for (n, ip) in &node_ips {
             topo.0.add_node(n, *ip).expect("create a node namespace");
         }
+        // LoadBalancer IPs (the controller-manager's pool) are reached through node 1,
+        // as a router in front of the cluster would send them.
+        topo.0
+            .add_host_route(&format!("10.{octet}.1.0/28"), node_ips[&nodes[0]])
+            .expect("route the LoadBalancer pool");
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -196,7 +201,8 @@ impl NetCluster {
             &dir,
             Command::new(binary("skiff-controller-manager"))
                 .arg("--kubeconfig")
-                .arg(&kubeconfig),
+                .arg(&kubeconfig)
+                .args(["--load-balancer-pool", &format!("10.{octet}.1.0/28")]),
         );
         cm.wait_stdout("is the leader", Duration::from_secs(30));
         let mut scheduler = Proc::spawn(
