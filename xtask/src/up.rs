@@ -308,13 +308,20 @@ pub fn run(args: &Args) -> Result<()> {
     for component in ["controller-manager", "scheduler"] {
         println!("[up] starting the {component}");
         let bin = util::root().join(format!("target/debug/skiff-{component}"));
+        // The controller-manager hands out LoadBalancer IPs from LB_POOL.
+        let extra = if component == "controller-manager" {
+            format!("--load-balancer-pool {LB_POOL}")
+        } else {
+            String::new()
+        };
         spawn_daemon(
             component,
             Command::new("sh").args([
                 "-c",
-                "while :; do \"$0\" --kubeconfig \"$1\"; sleep 1; done",
+                "while :; do \"$0\" --kubeconfig \"$1\" $2; sleep 1; done",
                 &bin.to_string_lossy(),
                 &kubeconfig.to_string_lossy(),
+                &extra,
             ]),
         )?;
     }
@@ -534,7 +541,17 @@ fn start_agents(topo: &Topology, kubeconfig: &Path, n: usize, pod_network: &str)
 /// Routes each real node's spec.podCIDR from the host to the node IP on the bridge, so
 /// the host (and kubectl users) reach pod IPs. A node whose podCIDR is still unset after
 /// [`POD_CIDR_TIMEOUT`] is reported and skipped.
+/// LoadBalancer addresses (the controller-manager's pool), routed from the host to
+/// node-1 like a router in front of the cluster would.
+pub const LB_POOL: &str = "10.90.1.0/28";
+
 fn route_pod_cidrs(topo: &Topology, kubeconfig: &Path, n: usize) -> Result<()> {
+    if n > 0 {
+        let ip = node_ip(1)?;
+        record(&format!("route {LB_POOL} {ip}"))?;
+        topo.add_host_route(LB_POOL, ip)?;
+        println!("[up] route {LB_POOL} (LoadBalancer IPs) via {ip}");
+    }
     let mut pending: Vec<usize> = (1..=n).collect();
     let start = Instant::now();
     while !pending.is_empty() {

@@ -132,9 +132,15 @@ pub struct TunnelConfig {
     /// MAC address every node gives its VXLAN device: inner frames carry it as their
     /// destination so the receiving device takes them as PACKET_HOST.
     pub mac: [u8; 6],
+    /// [`TUNNEL_FLAG_STACK`].
+    pub flags: u8,
     /// Reserved, zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
 }
+
+/// Hand every pod packet to the node's stack instead of redirecting it (iptables proxy
+/// mode: netfilter must see both directions of a connection).
+pub const TUNNEL_FLAG_STACK: u8 = 1;
 
 const _: () = assert!(size_of::<TunnelConfig>() == 16);
 const _: () = assert!(offset_of!(TunnelConfig, ifindex) == 0);

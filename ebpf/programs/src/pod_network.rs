@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use skiff_ebpf_common::{
-    DatapathStat, LocalPod, MAX_LOCAL_PODS, MAX_NODE_ROUTES, NodeRoute, PacketCounter,
+    DatapathStat, LocalPod, MAX_LOCAL_PODS, TUNNEL_FLAG_STACK, MAX_NODE_ROUTES, NodeRoute, PacketCounter,
     TunnelConfig,
 };
 
@@ -97,6 +97,13 @@ pub fn skiff_from_pod(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
+    // iptables proxy mode: netfilter has to see every packet.
+    if let Some(t) = SKIFF_TUNNEL_CONFIG.get(0)
+        && t.flags & TUNNEL_FLAG_STACK != 0
+    {
+        count(DatapathStat::ToStack, &ctx);
+        return TC_ACT_OK;
+    }
     // A local backend answering a NodePort client.
     if let Some(t) = crate::nodeport::parse(&ctx)
         && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)
@@ -179,6 +186,12 @@ pub fn skiff_tunnel_ingress(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
+    if let Some(t) = SKIFF_TUNNEL_CONFIG.get(0)
+        && t.flags & TUNNEL_FLAG_STACK != 0
+    {
+        count(DatapathStat::ToStack, &ctx);
+        return TC_ACT_OK;
+    }
     // A remote backend answering a NodePort client (SNATed to this node).
     if let Some(t) = crate::nodeport::parse(&ctx)
         && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)

@@ -13,6 +13,7 @@ use clap::Parser;
 use skiff_agent::{
     cni::PodNetworkMode,
     kubelet::agent::{self, AgentConfig},
+    proxy::ProxyMode,
 };
 
 #[derive(Parser, Debug)]
@@ -64,6 +65,10 @@ struct Args {
     /// bpffs directory for this node's pinned maps (default /sys/fs/bpf/skiff/<node>).
     #[arg(long)]
     bpffs_dir: Option<PathBuf>,
+    /// How Services are implemented: `ebpf` (socket and tc programs) or `iptables`
+    /// (kube-proxy-shaped rules; for the comparison benchmark). Needs --pod-network ebpf.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
+    proxy_mode: ProxyMode,
 }
 
 #[tokio::main]
@@ -92,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.bind_address = a.bind_address;
     cfg.manifest_dir = a.manifest_dir;
     cfg.pod_network = a.pod_network;
+    cfg.proxy_mode = a.proxy_mode;
     if let Some(d) = a.bpffs_dir {
         cfg.bpffs_dir = d;
     }

@@ -29,7 +29,8 @@ use aya::{
 use skiff_ebpf_common::{
     DATAPATH_STATS_MAP, FROM_POD_PROGRAM, LOCAL_PODS_MAP, LocalPod, NODE_CONFIG_MAP,
     NODE_INGRESS_PROGRAM, NODE_ROUTES_MAP, NodeConfig, NodeRoute, PacketCounter, TO_POD_PROGRAM,
-    TUNNEL_CONFIG_MAP, TUNNEL_EGRESS_PROGRAM, TUNNEL_INGRESS_PROGRAM, TunnelConfig, ipv4_key,
+    TUNNEL_CONFIG_MAP, TUNNEL_EGRESS_PROGRAM, TUNNEL_FLAG_STACK, TUNNEL_INGRESS_PROGRAM,
+    TunnelConfig, ipv4_key,
 };
 
 use super::{
@@ -62,6 +63,8 @@ pub struct DatapathConfig {
     pub pin_dir: PathBuf,
     pub vni: u32,
     pub object: ObjectSource,
+    /// Pod packets go through the node's stack (`--proxy-mode=iptables`).
+    pub stack_only: bool,
 }
 
 /// Remote prefixes -> the node that has them: the desired content of the routes map.
@@ -274,7 +277,8 @@ impl Datapath {
                         ifindex,
                         vni: cfg.vni,
                         mac: VXLAN_MAC,
-                        _pad: [0; 2],
+                        flags: if cfg.stack_only { TUNNEL_FLAG_STACK } else { 0 },
+                        _pad: 0,
                     },
                     0,
                 )

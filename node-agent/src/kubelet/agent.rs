@@ -35,7 +35,7 @@ use crate::cni::{
     network::{Ipv4Net, PodNetworks},
     node_routes,
 };
-use crate::proxy::ServiceProxy;
+use crate::proxy::{ProxyMode, ServiceProxy, reconciler::Sink};
 
 use super::{
     node,
@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub pod_network: PodNetworkMode,
     /// bpffs directory of the pinned maps; default /sys/fs/bpf/skiff/<node>.
     pub bpffs_dir: PathBuf,
+    /// How Services are implemented (`--proxy-mode`).
+    pub proxy_mode: ProxyMode,
 }
 
 impl AgentConfig {
@@ -91,6 +93,7 @@ impl AgentConfig {
             bpffs_dir: PathBuf::from(crate::ebpf::bpffs::DEFAULT_MOUNT)
                 .join("skiff")
                 .join(node_name),
+            proxy_mode: ProxyMode::Ebpf,
         }
     }
 }
@@ -177,15 +180,25 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
                 pin_dir: cfg.bpffs_dir.clone(),
                 vni: DEFAULT_VNI,
                 object: Default::default(),
+                stack_only: cfg.proxy_mode == ProxyMode::Iptables,
             };
             let node = cfg.node_name.clone();
+            let mode = cfg.proxy_mode;
             let (dp, proxy) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let dp = Datapath::start(&dp_cfg)?;
-                let proxy = ServiceProxy::start(&dp, &node)?;
-                Ok((dp, proxy))
+                let sink = match mode {
+                    ProxyMode::Ebpf => Sink::Ebpf(Arc::new(ServiceProxy::start(&dp, &node)?)),
+                    ProxyMode::Iptables => {
+                        crate::proxy::detach_pinned_links(dp.pin_dir());
+                        Sink::Iptables {
+                            node_ip: dp.node_ip(),
+                        }
+                    }
+                };
+                Ok((dp, sink))
             })
             .await??;
-            Some((Arc::new(dp), Arc::new(proxy)))
+            Some((Arc::new(dp), proxy))
         }
         PodNetworkMode::HostRoutes => None,
     };
@@ -272,11 +285,11 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
         k.cfg.node_name.clone(),
         dp.clone(),
     ));
-    if let Some(proxy) = proxy {
+    if let Some(sink) = proxy {
         tokio::spawn(crate::proxy::reconciler::run(
             k.client.clone(),
             k.cfg.node_name.clone(),
-            proxy,
+            sink,
         ));
     }
     tokio::select! {

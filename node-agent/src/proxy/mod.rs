@@ -14,6 +14,7 @@
 //! socket to a backend, recvmsg4/getpeername4 translate back.
 
 pub mod cgroup_link;
+pub mod iptables;
 pub mod maps;
 pub mod model;
 pub mod reconciler;
@@ -88,6 +89,29 @@ pub fn pod_cgroup_dir(node: &str) -> Result<PathBuf, ProxyError> {
         source,
     })?;
     Ok(dir)
+}
+
+/// How Services are implemented (`--proxy-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// eBPF: socket programs for pods, tc programs for NodePort/LoadBalancer traffic.
+    #[default]
+    Ebpf,
+    /// kube-proxy-shaped iptables rules (for the comparison benchmark only).
+    Iptables,
+}
+
+/// Removes the pinned cgroup links an eBPF-mode agent left (iptables mode).
+pub fn detach_pinned_links(pin_dir: &Path) {
+    let links = pin_dir.join("links");
+    for name in [
+        CONNECT4_PROGRAM,
+        SENDMSG4_PROGRAM,
+        RECVMSG4_PROGRAM,
+        GETPEERNAME4_PROGRAM,
+    ] {
+        let _ = std::fs::remove_file(links.join(name));
+    }
 }
 
 /// The loaded socket load balancer of one node.

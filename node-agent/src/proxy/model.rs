@@ -39,6 +39,8 @@ pub struct DesiredFrontend {
     /// externalTrafficPolicy Local on a NodePort/LoadBalancer frontend: local backends
     /// only, the client address is kept.
     pub local_only: bool,
+    /// A NodePort or LoadBalancer frontend (traffic from outside the cluster).
+    pub external: bool,
 }
 
 /// A service's frontends; empty for headless services.
@@ -192,6 +194,7 @@ pub fn desired_service(
                     backends: backends.clone(),
                     affinity_timeout,
                     local_only: false,
+                    external: false,
                 },
             );
         }
@@ -215,6 +218,7 @@ pub fn desired_service(
                     backends: external_backends.clone(),
                     affinity_timeout,
                     local_only: external_local,
+                    external: true,
                 },
             );
         }

@@ -259,8 +259,47 @@ async fn report(client: Client, node: &str, key: &SvcKey, s: &Skipped) {
     }
 }
 
+/// Where the desired state goes.
+pub enum Sink {
+    /// The eBPF maps (the default).
+    Ebpf(Arc<ServiceProxy>),
+    /// kube-proxy-shaped iptables rules (`--proxy-mode=iptables`, for benchmarks).
+    Iptables { node_ip: std::net::Ipv4Addr },
+}
+
+/// The whole rule set for `--proxy-mode=iptables` (a full sync, as kube-proxy does).
+pub fn render_iptables(
+    state: &mut State,
+    node: &str,
+    node_ip: std::net::Ipv4Addr,
+    dirty: &mut BTreeSet<SvcKey>,
+) -> (String, Vec<(SvcKey, Skipped)>) {
+    let mut all = BTreeMap::new();
+    let mut reports = vec![];
+    for (key, svc) in &state.services {
+        let slices: Vec<&EndpointSlice> = state
+            .slices
+            .get(key)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
+        let (desired, skipped) = desired_service(svc, &slices, node, node_ip);
+        if dirty.contains(key) {
+            let messages: Vec<String> = skipped.iter().map(|s| s.message.clone()).collect();
+            if !messages.is_empty() && state.reported.get(key) != Some(&messages) {
+                state.reported.insert(key.clone(), messages);
+                reports.extend(skipped.into_iter().map(|s| (key.clone(), s)));
+            }
+        }
+        if !desired.is_empty() {
+            all.insert(key.clone(), desired);
+        }
+    }
+    dirty.clear();
+    (super::iptables::render(&all, node_ip), reports)
+}
+
 /// Runs until the process ends.
-pub async fn run(client: Client, node: String, proxy: Arc<ServiceProxy>) {
+pub async fn run(client: Client, node: String, sink: Sink) {
     let services = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -276,6 +315,7 @@ pub async fn run(client: Client, node: String, proxy: Arc<ServiceProxy>) {
     let mut changes = futures::stream::select(services, slices).boxed();
     let mut state = State::default();
     let mut dirty = BTreeSet::new();
+    let mut last_rules: Option<String> = None;
     loop {
         let Some(first) = changes.next().await else {
             return;
@@ -298,6 +338,24 @@ pub async fn run(client: Client, node: String, proxy: Arc<ServiceProxy>) {
         }
         let started = std::time::Instant::now();
         let n = dirty.len();
+        let proxy = match &sink {
+            Sink::Ebpf(p) => p.clone(),
+            Sink::Iptables { node_ip } => {
+                let (rules, reports) = render_iptables(&mut state, &node, *node_ip, &mut dirty);
+                if last_rules.as_deref() != Some(rules.as_str()) {
+                    let r = rules.clone();
+                    match tokio::task::spawn_blocking(move || super::iptables::apply(&r)).await {
+                        Ok(Ok(())) => last_rules = Some(rules),
+                        Ok(Err(e)) => tracing::error!("iptables-restore: {e}"),
+                        Err(e) => tracing::error!("iptables task: {e}"),
+                    }
+                }
+                for (key, s) in reports {
+                    report(client.clone(), &node, &key, &s).await;
+                }
+                continue;
+            }
+        };
         let reports = {
             let proxy = proxy.clone();
             let node = node.clone();

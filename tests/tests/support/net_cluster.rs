@@ -122,6 +122,8 @@ pub struct NetCluster {
     /// The busybox image in the cluster's registry.
     pub image: String,
     pub host_ip: Ipv4Addr,
+    /// Extra flags for every agent (e.g. `--proxy-mode iptables`).
+    pub agent_args: Vec<String>,
 }
 
 impl NetCluster {
@@ -129,6 +131,11 @@ impl NetCluster {
     /// 10.<octet>.0.0/24 and waits until every node is Ready with a podCIDR and every
     /// node's routes map lists all the others.
     pub fn start(name: &str, octet: u8, node_count: u32) -> NetCluster {
+        Self::start_with(name, octet, node_count, &[])
+    }
+
+    /// [`NetCluster::start`] with extra agent flags.
+    pub fn start_with(name: &str, octet: u8, node_count: u32, agent_args: &[&str]) -> NetCluster {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "this needs root (CI runs as root)"
@@ -230,6 +237,7 @@ impl NetCluster {
             cidrs: BTreeMap::new(),
             image,
             host_ip,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         for n in &nodes {
             me.start_agent(n);
@@ -285,7 +293,8 @@ impl NetCluster {
             .args(["--insecure-registry", &self.registry.host()])
             .args(["--node-ip", &node_ip.to_string()])
             .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
-            .args(["--port", "10250", "--pod-network", "ebpf"]);
+            .args(["--port", "10250", "--pod-network", "ebpf"])
+            .args(&self.agent_args);
         cmd
     }
 
