@@ -39,7 +39,7 @@ use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
     test_images::{LocalRegistry, busybox_image},
 };
-use support::{Cleanup, Cluster, Proc, bin_dir, eventually};
+use support::{Cleanup, Cluster, Proc, bin_dir, eventually, start_apiserver};
 
 const NODE: &str = "bench-1";
 const LABEL: &str = "skiff-bench=pods";
@@ -175,21 +175,7 @@ fn main() {
         .expect("push busybox");
     let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
-    let mut apiserver = Proc::spawn(
-        "apiserver",
-        &dir,
-        Command::new(&apiserver_bin)
-            .arg("--data-dir")
-            .arg(dir.join("api"))
-            .args(["--bind-address", "127.0.0.1", "--secure-port", "0"]),
-    );
-    let out = apiserver.wait_stdout("kubeconfig: ", Duration::from_secs(30));
-    let kubeconfig = PathBuf::from(
-        out.lines()
-            .find_map(|l| l.strip_prefix("kubeconfig: "))
-            .expect("kubeconfig line")
-            .trim(),
-    );
+    let (apiserver, kubeconfig) = start_apiserver(&dir, "127.0.0.1", &apiserver_bin);
     let c = Cluster {
         dir: dir.clone(),
         kubeconfig: kubeconfig.clone(),

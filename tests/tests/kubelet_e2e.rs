@@ -601,21 +601,7 @@ fn kubelet_end_to_end() {
     let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
     // --- control plane.
-    let mut apiserver = Proc::spawn(
-        "apiserver",
-        &dir,
-        Command::new(&apiserver_bin)
-            .arg("--data-dir")
-            .arg(dir.join("api"))
-            .args(["--bind-address", "127.0.0.1", "--secure-port", "0"]),
-    );
-    let out = apiserver.wait_stdout("kubeconfig: ", Duration::from_secs(30));
-    let kubeconfig = PathBuf::from(
-        out.lines()
-            .find_map(|l| l.strip_prefix("kubeconfig: "))
-            .expect("kubeconfig line")
-            .trim(),
-    );
+    let (apiserver, kubeconfig) = start_apiserver(&dir, "127.0.0.1", &apiserver_bin);
     let c = Cluster {
         dir: dir.clone(),
         kubeconfig: kubeconfig.clone(),

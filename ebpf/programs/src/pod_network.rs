@@ -92,22 +92,28 @@ pub(crate) fn deliver(ctx: &mut TcContext, pod: &LocalPod, stat: DatapathStat) -
     unsafe { bpf_redirect_peer(pod.host_ifindex, 0) as i32 }
 }
 
+/// What comes before forwarding on the pod veth and the VXLAN device: in iptables proxy
+/// mode every packet goes to the stack (netfilter must see both directions), and a
+/// backend's reply to a NodePort client (local backend: on the veth; remote backend,
+/// SNATed to this node: on the VXLAN device) is translated back and sent out.
+#[inline(always)]
+fn before_forwarding(ctx: &mut TcContext) -> Option<i32> {
+    if let Some(t) = SKIFF_TUNNEL_CONFIG.get(0)
+        && t.flags & TUNNEL_FLAG_STACK != 0
+    {
+        count(DatapathStat::ToStack, ctx);
+        return Some(TC_ACT_OK);
+    }
+    let t = crate::nodeport::parse(ctx)?;
+    crate::nodeport::reply(ctx, &t)
+}
+
 #[classifier]
 pub fn skiff_from_pod(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
-    // iptables proxy mode: netfilter has to see every packet.
-    if let Some(t) = SKIFF_TUNNEL_CONFIG.get(0)
-        && t.flags & TUNNEL_FLAG_STACK != 0
-    {
-        count(DatapathStat::ToStack, &ctx);
-        return TC_ACT_OK;
-    }
-    // A local backend answering a NodePort client.
-    if let Some(t) = crate::nodeport::parse(&ctx)
-        && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)
-    {
+    if let Some(verdict) = before_forwarding(&mut ctx) {
         return verdict;
     }
     // SAFETY: the map value is read before any helper that could free it runs.
@@ -186,16 +192,7 @@ pub fn skiff_tunnel_ingress(mut ctx: TcContext) -> i32 {
     let Some(dst) = ipv4_dst(&ctx) else {
         return TC_ACT_OK;
     };
-    if let Some(t) = SKIFF_TUNNEL_CONFIG.get(0)
-        && t.flags & TUNNEL_FLAG_STACK != 0
-    {
-        count(DatapathStat::ToStack, &ctx);
-        return TC_ACT_OK;
-    }
-    // A remote backend answering a NodePort client (SNATed to this node).
-    if let Some(t) = crate::nodeport::parse(&ctx)
-        && let Some(verdict) = crate::nodeport::reply(&mut ctx, &t)
-    {
+    if let Some(verdict) = before_forwarding(&mut ctx) {
         return verdict;
     }
     // SAFETY: as in skiff_from_pod.

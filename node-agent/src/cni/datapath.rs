@@ -419,19 +419,7 @@ impl Datapath {
 
     /// The routes map as it is.
     pub fn remote_routes(&self) -> RemoteRoutes {
-        let m = self.maps();
-        m.routes
-            .iter()
-            .flatten()
-            .filter_map(|(k, v)| {
-                let net = Ipv4Net::parse(&format!(
-                    "{}/{}",
-                    Ipv4Addr::from(k.data().to_ne_bytes()),
-                    k.prefix_len()
-                ))?;
-                Some((net, Ipv4Addr::from(v.node_ip)))
-            })
-            .collect()
+        routes_in(&self.maps().routes)
     }
 
     /// Makes the routes map and the kernel routes through the VXLAN device equal to
@@ -494,42 +482,52 @@ impl Datapath {
     }
 }
 
+/// Sums, over all CPUs, slots `0..slots` of the pinned per-CPU counter map `name`.
+pub fn read_pinned_slots(
+    pin_dir: &Path,
+    name: &str,
+    slots: u32,
+) -> Result<Vec<PacketCounter>, EbpfError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let map: PerCpuArray<MapData, PacketCounter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))?;
+    Ok((0..slots)
+        .map(|slot| {
+            let mut total = PacketCounter::default();
+            if let Ok(values) = map.get(&slot, 0) {
+                for v in values.iter() {
+                    total.add(v);
+                }
+            }
+            total
+        })
+        .collect())
+}
+
 /// Reads the data path counters from the pinned map (no agent needed).
 pub fn read_pinned_stats(pin_dir: &Path) -> Result<Vec<(DatapathStat, PacketCounter)>, EbpfError> {
-    let path = pin_dir.join(DATAPATH_STATS_MAP);
-    let data = MapData::from_pin(&path).map_err(map_err(DATAPATH_STATS_MAP))?;
-    let map: PerCpuArray<MapData, PacketCounter> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-            .map_err(map_err(DATAPATH_STATS_MAP))?;
-    let mut out = vec![];
-    for stat in DatapathStat::ALL {
-        let mut total = PacketCounter::default();
-        if let Ok(values) = map.get(&(stat as u32), 0) {
-            for v in values.iter() {
-                total.add(v);
-            }
-        }
-        out.push((stat, total));
-    }
-    Ok(out)
+    let totals = read_pinned_slots(pin_dir, DATAPATH_STATS_MAP, DatapathStat::COUNT)?;
+    Ok(DatapathStat::ALL.into_iter().zip(totals).collect())
+}
+
+fn routes_in<T: std::borrow::Borrow<MapData>>(map: &LpmTrie<T, u32, NodeRoute>) -> RemoteRoutes {
+    map.iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let net = Ipv4Net {
+                addr: Ipv4Addr::from(k.data().to_ne_bytes()),
+                prefix: u8::try_from(k.prefix_len()).ok()?,
+            };
+            Some((net, Ipv4Addr::from(v.node_ip)))
+        })
+        .collect()
 }
 
 /// Reads the routes map from its pin (no agent needed): prefix -> node IP.
 pub fn read_pinned_routes(pin_dir: &Path) -> Result<RemoteRoutes, EbpfError> {
-    let path = pin_dir.join(NODE_ROUTES_MAP);
-    let data = MapData::from_pin(&path).map_err(map_err(NODE_ROUTES_MAP))?;
+    let data =
+        MapData::from_pin(pin_dir.join(NODE_ROUTES_MAP)).map_err(map_err(NODE_ROUTES_MAP))?;
     let map: LpmTrie<MapData, u32, NodeRoute> =
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(NODE_ROUTES_MAP))?;
-    Ok(map
-        .iter()
-        .flatten()
-        .filter_map(|(k, v)| {
-            let net = Ipv4Net::parse(&format!(
-                "{}/{}",
-                Ipv4Addr::from(k.data().to_ne_bytes()),
-                k.prefix_len()
-            ))?;
-            Some((net, Ipv4Addr::from(v.node_ip)))
-        })
-        .collect())
+    Ok(routes_in(&map))
 }

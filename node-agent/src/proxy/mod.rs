@@ -193,23 +193,6 @@ impl ServiceProxy {
 
 /// The load balancer's counters from the pinned map (no agent needed).
 pub fn read_pinned_lb_stats(pin_dir: &Path) -> Result<Vec<(LbStat, PacketCounter)>, EbpfError> {
-    use aya::maps::{Map, MapData, PerCpuArray};
-    let err = |source| EbpfError::Map {
-        name: LB_STATS_MAP.into(),
-        source,
-    };
-    let data = MapData::from_pin(pin_dir.join(LB_STATS_MAP)).map_err(err)?;
-    let map: PerCpuArray<MapData, PacketCounter> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(err)?;
-    let mut out = vec![];
-    for stat in LbStat::ALL {
-        let mut total = PacketCounter::default();
-        if let Ok(values) = map.get(&(stat as u32), 0) {
-            for v in values.iter() {
-                total.add(v);
-            }
-        }
-        out.push((stat, total));
-    }
-    Ok(out)
+    let totals = crate::cni::datapath::read_pinned_slots(pin_dir, LB_STATS_MAP, LbStat::COUNT)?;
+    Ok(LbStat::ALL.into_iter().zip(totals).collect())
 }

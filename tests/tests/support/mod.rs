@@ -298,3 +298,28 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 pub mod net_cluster;
+
+/// Starts skiff-apiserver on `bind` (any free port) with its data under `dir/api`; the
+/// process and the admin kubeconfig it wrote.
+pub fn start_apiserver(
+    dir: &Path,
+    bind: &str,
+    bin: impl AsRef<std::ffi::OsStr>,
+) -> (Proc, PathBuf) {
+    let mut apiserver = Proc::spawn(
+        "apiserver",
+        dir,
+        Command::new(bin)
+            .arg("--data-dir")
+            .arg(dir.join("api"))
+            .args(["--bind-address", bind, "--secure-port", "0"]),
+    );
+    let out = apiserver.wait_stdout("kubeconfig: ", Duration::from_secs(30));
+    let kubeconfig = PathBuf::from(
+        out.lines()
+            .find_map(|l| l.strip_prefix("kubeconfig: "))
+            .expect("kubeconfig line")
+            .trim(),
+    );
+    (apiserver, kubeconfig)
+}

@@ -184,21 +184,8 @@ impl NetCluster {
             .expect("push busybox");
         let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
-        let mut apiserver = Proc::spawn(
-            "apiserver",
-            &dir,
-            Command::new(binary("skiff-apiserver"))
-                .arg("--data-dir")
-                .arg(dir.join("api"))
-                .args(["--bind-address", &host_ip.to_string(), "--secure-port", "0"]),
-        );
-        let out = apiserver.wait_stdout("kubeconfig: ", Duration::from_secs(30));
-        let kubeconfig = PathBuf::from(
-            out.lines()
-                .find_map(|l| l.strip_prefix("kubeconfig: "))
-                .expect("kubeconfig line")
-                .trim(),
-        );
+        let (apiserver, kubeconfig) =
+            super::start_apiserver(&dir, &host_ip.to_string(), binary("skiff-apiserver"));
         let c = Cluster {
             dir: dir.clone(),
             kubeconfig: kubeconfig.clone(),
