@@ -185,6 +185,30 @@ fn pod_network_end_to_end() {
         "cross-node traffic went through the VXLAN tunnel programs\n{}",
         net.logs()
     );
+    // The agent's /metrics shows the same counters (Prometheus text).
+    let metrics = run_bounded(
+        {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sk", "--max-time", "5"])
+                .arg(format!("https://{}:10250/metrics", node_ips[&n1]));
+            cmd
+        },
+        None,
+        Duration::from_secs(10),
+    );
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let tunnel_out = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("skiff_datapath_packets_total{path=\"tunnel_out\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        tunnel_out.is_some_and(|v| v > 0),
+        "/metrics of {n1} counts tunnelled packets:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("skiff_lb_map_capacity{map=\"services\"}"),
+        "{metrics}"
+    );
     // The hostNetwork pod answers on the node's address from a local and a remote pod.
     for (client, dst) in [("cli-1", node_ips[&n1]), ("srv-2", node_ips[&n1])] {
         let body = eventually(

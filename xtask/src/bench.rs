@@ -40,10 +40,18 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "iperf3 Gbit/s and TCP_RR p50/p99, pod-to-pod on one node and across nodes vs \
          node-to-node over the bridge, with ratios (args: --quick; 2 nodes, eBPF data path)",
     ),
+    (
+        "programming",
+        "skiff-tests",
+        "programming",
+        "EndpointSlice write -> service map updated on every node, p50/p99/max at 10, 1k and \
+         10k Services on 3 nodes (args: --quick (10, 100), --changes M (100), \
+         --budget-minutes M (15))",
+    ),
 ];
 
 /// Benches that start skiff-agent / skiff-control binaries from target/release.
-const NEEDS_RELEASE_BINS: &[&str] = &["pod-network"];
+const NEEDS_RELEASE_BINS: &[&str] = &["pod-network", "programming"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {

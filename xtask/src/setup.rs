@@ -51,6 +51,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-pip",
     // `ping`, used by the node-agent eBPF tests (not in the base image).
     "iputils-ping",
+    // `curl`, used by network_e2e to read an agent's /metrics.
+    "curl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -130,7 +130,17 @@ pub fn router(k: Arc<Kubelet>) -> Router {
         )
         .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .with_state(k)
+}
+
+/// `GET /metrics`: the data path's counters and map fill levels (Prometheus text).
+async fn metrics(State(k): State<Arc<Kubelet>>) -> impl IntoResponse {
+    let pin_dir = k.cfg.bpffs_dir.clone();
+    let body = tokio::task::spawn_blocking(move || crate::proxy::metrics::render(&pin_dir))
+        .await
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// Serves the kubelet API over HTTPS on `listener` until the task is dropped.

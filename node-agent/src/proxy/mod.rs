@@ -16,6 +16,7 @@
 pub mod cgroup_link;
 pub mod iptables;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod reconciler;
 

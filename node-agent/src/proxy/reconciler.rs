@@ -172,6 +172,8 @@ pub fn reconcile(
                 }
                 Err(e) => {
                     // Full maps: the old entries stay intact (see ServiceMaps::apply).
+                    super::metrics::PROGRAM_ERRORS
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(service = %format!("{}/{}", key.0, key.1), frontend = ?f, "cannot program the service: {e}");
                     if before.contains(f) {
                         now.insert(*f);
