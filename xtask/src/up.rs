@@ -682,7 +682,10 @@ fn print_usage(kubeconfig: &Path, port: u16) {
     println!("  kubectl get nodes,pods -A -o wide");
     println!("  kubectl get all -n demo");
     println!(
-        "  curl http://<pod IP>:8080/hello    # \"<pod name> /hello\" (podCIDRs are routed to the node IPs)"
+        "  curl http://<pod IP>:8080/hello    # \"<pod name> /hello\" (podCIDRs are routed to the node IPs)",
+    );
+    println!(
+        "  curl http://10.90.0.11:$(kubectl get svc -n demo echo -o jsonpath='{{.spec.ports[0].nodePort}}')/hello   # NodePort, eBPF on every node IP"
     );
     println!("  kubectl logs -n demo deployment/echo");
     println!(
