@@ -6,8 +6,10 @@
 //! KUBE-MARK-MASQ / KUBE-POSTROUTING for masquerading. Every sync rewrites all of
 //! skiff's chains in one `iptables-restore --noflush` (kube-proxy's full sync); the jumps
 //! from the built-in chains are ensured with `iptables -C`/`-I`.
-//! Not rendered: sessionAffinity (`-m recent`), externalTrafficPolicy Local, REJECT for
-//! Services without endpoints.
+//! sessionAffinity ClientIP is `-m recent` per endpoint, externalTrafficPolicy Local an
+//! EXT chain without masquerade over the local endpoints. Not rendered: REJECT for
+//! Services without endpoints (in the test topology a VIP without DNAT has no route, so
+//! the client fails at once with "network unreachable" instead of "refused").
 
 use std::{collections::BTreeMap, fmt::Write as _, io::Write as _, process::Command};
 
@@ -34,8 +36,10 @@ const JUMPS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Per (protocol, endpoints): the service's name and its frontends (with "external").
+/// Per (protocol, endpoints, externalTrafficPolicy Local, affinity timeout): the
+/// service's name and its frontends (with "external").
 type PortChains<'a> = (String, Vec<(&'a Frontend, bool)>);
+type GroupKey = (u8, String, bool, Option<u32>);
 
 fn chain(prefix: &str, parts: &str) -> String {
     let h = Sha256::digest(parts.as_bytes());
@@ -68,24 +72,30 @@ pub fn render(
     for ((ns, name), frontends) in services {
         // One KUBE-SVC chain per (service, port): frontends sharing port and protocol
         // share it (the cluster IP, LoadBalancer IPs and the node port of one port).
-        let mut by_port: BTreeMap<(u8, String), PortChains> = BTreeMap::new();
+        let mut by_port: BTreeMap<GroupKey, PortChains> = BTreeMap::new();
         for (f, want) in frontends {
             let backends: Vec<String> = want
                 .backends
                 .iter()
                 .map(|b| format!("{}:{}", b.addr, b.port))
                 .collect();
-            let key = (f.proto, backends.join(","));
+            let key = (
+                f.proto,
+                backends.join(","),
+                want.local_only,
+                want.affinity_timeout,
+            );
             by_port
                 .entry(key)
                 .or_insert_with(|| (format!("{ns}/{name}"), vec![]))
                 .1
                 .push((f, want.external));
         }
-        for ((proto, backends), (svc_name, fs)) in by_port {
+        for ((proto, backends, local_only, affinity), (svc_name, fs)) in by_port {
             let p = proto_name(proto);
-            let svc_chain = chain("KUBE-SVC-", &format!("{svc_name}:{p}:{backends}"));
-            let ext_chain = chain("KUBE-EXT-", &format!("{svc_name}:{p}:{backends}"));
+            let group = format!("{svc_name}:{p}:{backends}:{local_only}:{affinity:?}");
+            let svc_chain = chain("KUBE-SVC-", &group);
+            let ext_chain = chain("KUBE-EXT-", &group);
             chains.push(svc_chain.clone());
             chains.push(ext_chain.clone());
             let eps: Vec<&str> = backends.split(',').filter(|b| !b.is_empty()).collect();
@@ -110,11 +120,28 @@ pub fn render(
                     );
                 }
             }
-            let _ = writeln!(rules, "-A {ext_chain} -j KUBE-MARK-MASQ");
+            // externalTrafficPolicy Local: local endpoints only (the model chose them)
+            // and the client address is kept, so no masquerade.
+            if !local_only {
+                let _ = writeln!(rules, "-A {ext_chain} -j KUBE-MARK-MASQ");
+            }
             let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
             let n = eps.len();
+            let seps: Vec<String> = eps
+                .iter()
+                .map(|ep| chain("KUBE-SEP-", &format!("{group}:{ep}")))
+                .collect();
+            // sessionAffinity ClientIP: a client that used an endpoint lately goes back.
+            if let Some(t) = affinity {
+                for sep in &seps {
+                    let _ = writeln!(
+                        rules,
+                        "-A {svc_chain} -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {t} --reap -j {sep}"
+                    );
+                }
+            }
             for (i, ep) in eps.iter().enumerate() {
-                let sep = chain("KUBE-SEP-", &format!("{svc_name}:{p}:{ep}"));
+                let sep = seps[i].clone();
                 chains.push(sep.clone());
                 if i + 1 < n {
                     let prob = 1.0 / (n - i) as f64;
@@ -130,9 +157,14 @@ pub fn render(
                 }
                 let ip = ep.split(':').next().unwrap_or_default();
                 let _ = writeln!(rules, "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ");
+                let recent = if affinity.is_some() {
+                    format!(" -m recent --name {sep} --mask 255.255.255.255 --rsource --set")
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     rules,
-                    "-A {sep} -p {p} -m {p} -j DNAT --to-destination {ep}"
+                    "-A {sep} -p {p}{recent} -m {p} -j DNAT --to-destination {ep}"
                 );
             }
         }
@@ -268,6 +300,17 @@ mod tests {
         assert!(r.contains("-j DNAT --to-destination 10.244.1.4:8080"));
         assert!(r.contains("-A KUBE-NODEPORTS -m comment --comment \"demo/echo\" -p tcp -m tcp --dport 30080 -j KUBE-EXT-"));
         assert_eq!(r.matches("-j DNAT").count(), 3, "one SEP per endpoint");
+        let mut sticky = all.clone();
+        for f in sticky.values_mut().flat_map(|s| s.values_mut()) {
+            f.affinity_timeout = Some(60);
+        }
+        let r = render(&sticky, node_ip);
+        assert_eq!(r.matches("--rcheck --seconds 60 --reap").count(), 3, "{r}");
+        assert_eq!(
+            r.matches("--rsource --set -m tcp -j DNAT").count(),
+            3,
+            "{r}"
+        );
         assert!(r.ends_with("COMMIT\n"));
     }
 }
