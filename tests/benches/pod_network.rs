@@ -308,17 +308,6 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
-fn target_dir() -> PathBuf {
-    // The bench runs from target/<profile>/deps/; fall back to the workspace's target/.
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            let deps = exe.parent()?;
-            (deps.file_name()? == "deps").then(|| deps.parent()?.parent().map(Path::to_path_buf))?
-        })
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
 fn first_line(cmd: &mut std::process::Command) -> String {
     cmd.output()
         .ok()
@@ -356,23 +345,17 @@ fn main() {
             round_trips: 5000,
         }
     };
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the pod-network bench needs root (CI runs as root)"
+    support::require_root_and(
+        "the pod-network bench",
+        &[
+            IPERF3,
+            "/usr/bin/nsenter",
+            "/usr/bin/containerd",
+            "/usr/sbin/runc",
+            "/usr/bin/docker-registry",
+            support::KUBECTL,
+        ],
     );
-    for bin in [
-        IPERF3,
-        "/usr/bin/nsenter",
-        "/usr/bin/containerd",
-        "/usr/sbin/runc",
-        "/usr/bin/docker-registry",
-        support::KUBECTL,
-    ] {
-        assert!(
-            Path::new(bin).exists(),
-            "{bin} is missing: run `cargo xtask setup`"
-        );
-    }
     let wall = Instant::now();
 
     let net = NetCluster::start("bpn", 94, 2);
@@ -517,7 +500,7 @@ fn main() {
             "pod_same_node": ratios(same),
         },
     });
-    let dir = target_dir().join("bench");
+    let dir = support::target_dir().join("bench");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let path = dir.join("pod-network.json");
     // NaN (an empty ratio) is not JSON; serde_json writes it as null.

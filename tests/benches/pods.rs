@@ -134,21 +134,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(if bench { 50 } else { 5 });
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the pods bench needs root (CI runs as root)"
+    support::require_root_and(
+        "the pods bench",
+        &[
+            "/usr/bin/containerd",
+            "/usr/sbin/runc",
+            "/usr/bin/docker-registry",
+            support::KUBECTL,
+        ],
     );
-    for bin in [
-        "/usr/bin/containerd",
-        "/usr/sbin/runc",
-        "/usr/bin/docker-registry",
-        support::KUBECTL,
-    ] {
-        assert!(
-            Path::new(bin).exists(),
-            "{bin} is missing: run `cargo xtask setup`"
-        );
-    }
     let apiserver_bin = find_binary("skiff-apiserver");
     let cm_bin = find_binary("skiff-controller-manager");
     let sched_bin = find_binary("skiff-scheduler");

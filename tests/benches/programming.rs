@@ -43,7 +43,6 @@ mod support;
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -407,17 +406,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn target_dir() -> PathBuf {
-    // The bench runs from target/<profile>/deps/; fall back to the workspace's target/.
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            let deps = exe.parent()?;
-            (deps.file_name()? == "deps").then(|| deps.parent()?.parent().map(Path::to_path_buf))?
-        })
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
 fn main() {
     let wall = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -467,21 +455,15 @@ fn main() {
             budget: Duration::from_secs(budget_arg.unwrap_or(15) * 60),
         }
     };
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the programming bench needs root (CI runs as root)"
+    support::require_root_and(
+        "the programming bench",
+        &[
+            "/usr/bin/containerd",
+            "/usr/sbin/runc",
+            "/usr/bin/docker-registry",
+            support::KUBECTL,
+        ],
     );
-    for bin in [
-        "/usr/bin/containerd",
-        "/usr/sbin/runc",
-        "/usr/bin/docker-registry",
-        support::KUBECTL,
-    ] {
-        assert!(
-            Path::new(bin).exists(),
-            "{bin} is missing: run `cargo xtask setup`"
-        );
-    }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     // 10.89.0.0/24: outside the Service range 10.96.0.0/12 and the other clusters' subnets.
@@ -676,7 +658,7 @@ fn main() {
             "patch_round_trip": stats(&s.writes),
         })).collect::<Vec<_>>(),
     });
-    let dir = target_dir().join("bench");
+    let dir = support::target_dir().join("bench");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let path = dir.join("programming.json");
     let text = serde_json::to_string_pretty(&doc).expect("serialising results");

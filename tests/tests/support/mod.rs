@@ -323,3 +323,30 @@ pub fn start_apiserver(
     );
     (apiserver, kubeconfig)
 }
+
+/// Fails unless running as root with every file in `tools` present (`what`: "the pods
+/// bench", ...).
+pub fn require_root_and(what: &str, tools: &[&str]) {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "{what} needs root (CI runs as root)"
+    );
+    for bin in tools {
+        assert!(
+            Path::new(bin).exists(),
+            "{bin} is missing: run `cargo xtask setup`"
+        );
+    }
+}
+
+/// The target directory (target/): the executable runs from target/<profile>/deps/;
+/// otherwise the workspace's target/.
+pub fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let deps = exe.parent()?;
+            (deps.file_name()? == "deps").then(|| deps.parent()?.parent().map(Path::to_path_buf))?
+        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
