@@ -190,6 +190,39 @@ spec:
     readinessProbe:
       httpGet: {{path: /, port: 9090}}
       periodSeconds: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: slowstart}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sh", "-c", "sleep 8; touch /tmp/up; exec sleep 3600"]
+    startupProbe:
+      exec: {{command: ["test", "-f", "/tmp/up"]}}
+      periodSeconds: 1
+      failureThreshold: 40
+    # Would kill the container at once if it ran before the startupProbe succeeded.
+    livenessProbe:
+      exec: {{command: ["test", "-f", "/tmp/up"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: neverstarts}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sleep", "3600"]
+    startupProbe:
+      tcpSocket: {{port: 9999}}
+      periodSeconds: 1
+      failureThreshold: 2
 "#
     )
 }
@@ -857,6 +890,17 @@ fn kubelet_end_to_end() {
     let t = Instant::now();
     let pod = |name: &str| c.json(&["get", "pod", name]);
     let st = |p: &Value| p["status"]["containerStatuses"][0].clone();
+    // startupProbe: running but neither started nor ready until it succeeds.
+    let s = eventually(
+        "slowstart running, not started yet",
+        Duration::from_secs(30),
+        || {
+            let s = st(&pod("slowstart"));
+            s["state"]["running"].is_object().then_some(s)
+        },
+    );
+    assert_eq!(s["started"], false, "{s}");
+    assert_eq!(s["ready"], false, "{s}");
     let crash = eventually("crash in CrashLoopBackOff", Duration::from_secs(60), || {
         let p = pod("crash");
         (st(&p)["state"]["waiting"]["reason"] == "CrashLoopBackOff").then_some(p)
@@ -911,6 +955,37 @@ fn kubelet_end_to_end() {
         "{}",
         st(&unhealthy)
     );
+    // startupProbe succeeded after ~8 s: started and ready, the liveness probe (which
+    // fails before /tmp/up exists) never ran early, nothing restarted.
+    let s = eventually("slowstart started", Duration::from_secs(40), || {
+        let s = st(&pod("slowstart"));
+        (s["started"] == true && s["ready"] == true).then_some(s)
+    });
+    assert_eq!(s["restartCount"], 0, "{s}");
+    println!("slowstart: started after {} ms", t.elapsed().as_millis());
+    // A startupProbe that never succeeds: killed and restarted, never started.
+    let ns = eventually(
+        "neverstarts restarted by its startup probe",
+        Duration::from_secs(60),
+        || {
+            let s = st(&pod("neverstarts"));
+            (s["restartCount"].as_i64().unwrap_or(0) >= 1).then_some(s)
+        },
+    );
+    assert_eq!(ns["started"], false, "{ns}");
+    assert_eq!(ns["ready"], false, "{ns}");
+    assert!(ns["lastState"]["terminated"].is_object(), "{ns}");
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=neverstarts",
+    ]);
+    assert!(
+        events.contains("Startup probe failed: dial tcp")
+            && events.contains("Container c failed startup probe, will be restarted"),
+        "{events}"
+    );
     let notready = pod("notready");
     assert_eq!(
         notready["status"]["phase"], "Running",
@@ -934,6 +1009,8 @@ fn kubelet_end_to_end() {
         "fails",
         "unhealthy",
         "notready",
+        "slowstart",
+        "neverstarts",
         "--wait=true",
         "--timeout=60s",
     ]);

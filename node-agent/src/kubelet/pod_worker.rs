@@ -108,6 +108,11 @@ struct Ctr {
     pull_backoff_until: Option<Instant>,
     readiness: Option<Prober>,
     liveness: Option<Prober>,
+    /// The startupProbe of the current attempt while it has not succeeded yet.
+    startup: Option<Prober>,
+    /// The current attempt passed its startupProbe (or has none): liveness and readiness
+    /// probes run, containerStatuses[].started is true.
+    started_ok: bool,
     /// The container id the probers/waiter run for.
     watched: Option<String>,
     /// Adopted after an agent restart while the API showed it ready: the readiness
@@ -143,6 +148,7 @@ impl Ctr {
     fn stop_watching(&mut self) {
         self.readiness = None;
         self.liveness = None;
+        self.startup = None;
         self.watched = None;
         self.waiter = None;
     }
@@ -288,6 +294,28 @@ fn resources(c: &Container) -> Option<LinuxResources> {
         b = b.cpu(c);
     }
     b.build().ok()
+}
+
+/// The readiness and liveness probers of a running (and started) container.
+fn start_probers(c: &mut Ctr, cs: &Container, target: &ProbeTarget, wake: &Arc<Notify>) {
+    if let Some(p) = &cs.readiness_probe {
+        c.readiness = Some(Prober::start(
+            p.clone(),
+            cs.clone(),
+            target.clone(),
+            std::mem::take(&mut c.adopted_ready),
+            wake.clone(),
+        ));
+    }
+    if let Some(p) = &cs.liveness_probe {
+        c.liveness = Some(Prober::start(
+            p.clone(),
+            cs.clone(),
+            target.clone(),
+            true,
+            wake.clone(),
+        ));
+    }
 }
 
 impl Worker {
@@ -451,6 +479,7 @@ impl Worker {
             {
                 ctr.last_terminated = p.last_state.as_ref().and_then(|l| l.terminated.clone());
                 ctr.adopted_ready = p.ready;
+                ctr.started_ok = p.started.unwrap_or(false);
                 ctr.image_id = p.image_id.clone();
                 if let Some(t) = p.state.as_ref().and_then(|s| s.terminated.as_ref()) {
                     ctr.finished_at = t.finished_at.clone();
@@ -630,14 +659,15 @@ impl Worker {
                 .unwrap_or_default();
             match obs {
                 Observed::Running { .. } => {
-                    let failed = self
-                        .ctrs
-                        .get(&ac.name)
-                        .and_then(|c| c.liveness.as_ref())
-                        .filter(|p| p.failed())
-                        .map(|p| p.message());
-                    if let Some(msg) = failed {
-                        self.kill_unhealthy(rt, &ac.name, &msg).await;
+                    let failed = self.ctrs.get(&ac.name).and_then(|c| {
+                        let startup = c.startup.as_ref().filter(|p| p.failed());
+                        let liveness = c.liveness.as_ref().filter(|p| p.failed());
+                        startup
+                            .map(|p| ("Startup", "startup", p.message()))
+                            .or_else(|| liveness.map(|p| ("Liveness", "liveness", p.message())))
+                    });
+                    if let Some((kind, kind_lc, msg)) = failed {
+                        self.kill_unhealthy(rt, &ac.name, kind, kind_lc, &msg).await;
                         if let Some(Observed::Exited { code }) =
                             self.ctrs.get(&ac.name).map(|c| c.observed)
                             && should_restart(&policy, code)
@@ -672,7 +702,16 @@ impl Worker {
         }
     }
 
-    async fn kill_unhealthy(&mut self, rt: &Runtime, name: &str, msg: &str) {
+    /// Stops a container that failed its liveness or startup probe (`kind`: "Liveness"
+    /// or "Startup", `kind_lc` the same in lower case), with the kubelet's events.
+    async fn kill_unhealthy(
+        &mut self,
+        rt: &Runtime,
+        name: &str,
+        kind: &str,
+        kind_lc: &str,
+        msg: &str,
+    ) {
         let grace = self
             .pod
             .spec
@@ -683,12 +722,12 @@ impl Worker {
         self.event(
             "Warning",
             "Unhealthy",
-            format!("Liveness probe failed: {msg}"),
+            format!("{kind} probe failed: {msg}"),
         );
         self.event(
             "Normal",
             "Killing",
-            format!("Container {name} failed liveness probe, will be restarted"),
+            format!("Container {name} failed {kind_lc} probe, will be restarted"),
         );
         let Some(c) = self.ctrs.get_mut(name) else {
             return;
@@ -918,6 +957,7 @@ impl Worker {
         match r {
             Ok(pid) => {
                 c.id = Some(id.clone());
+                c.started_ok = false;
                 c.started_at = Some(started_at);
                 c.finished_at = None;
                 c.ran_since = Some(Instant::now());
@@ -957,7 +997,17 @@ impl Worker {
             let (Some(id), Observed::Running { pid }) = (c.id.clone(), c.observed) else {
                 continue;
             };
+            let target = ProbeTarget {
+                pod_ip: std::net::IpAddr::V4(net.ip),
+                pid,
+            };
             if c.watched.as_deref() == Some(id.as_str()) {
+                // The startupProbe succeeded: it stops, liveness and readiness begin.
+                if c.startup.as_ref().is_some_and(|p| p.ok()) {
+                    c.startup = None;
+                    c.started_ok = true;
+                    start_probers(c, cs, &target, &self.wake);
+                }
                 continue;
             }
             c.stop_watching();
@@ -972,27 +1022,20 @@ impl Worker {
             if init {
                 continue;
             }
-            let target = ProbeTarget {
-                pod_ip: std::net::IpAddr::V4(net.ip),
-                pid,
-            };
-            if let Some(p) = &cs.readiness_probe {
-                c.readiness = Some(Prober::start(
-                    p.clone(),
-                    cs.clone(),
-                    target.clone(),
-                    std::mem::take(&mut c.adopted_ready),
-                    self.wake.clone(),
-                ));
-            }
-            if let Some(p) = &cs.liveness_probe {
-                c.liveness = Some(Prober::start(
-                    p.clone(),
-                    cs.clone(),
-                    target.clone(),
-                    true,
-                    self.wake.clone(),
-                ));
+            match &cs.startup_probe {
+                Some(p) if !c.started_ok => {
+                    c.startup = Some(Prober::start(
+                        p.clone(),
+                        cs.clone(),
+                        target.clone(),
+                        false,
+                        self.wake.clone(),
+                    ));
+                }
+                _ => {
+                    c.started_ok = true;
+                    start_probers(c, cs, &target, &self.wake);
+                }
             }
         }
     }
@@ -1203,8 +1246,15 @@ impl Worker {
         let terminating = self.pod.metadata.deletion_timestamp.is_some();
         let (state, ready, started) = match c.observed {
             Observed::Running { .. } | Observed::Created => {
+                // With a startupProbe: started once it succeeded (kept across agent
+                // restarts through the API's containerStatuses[].started).
+                let started = init
+                    || cs.startup_probe.is_none()
+                    || c.started_ok
+                    || c.startup.as_ref().is_some_and(|p| p.ok());
                 let ready = !init
                     && !terminating
+                    && started
                     && c.readiness.as_ref().map(|p| p.ok()).unwrap_or(
                         // No probe: ready once running. A probe not started yet: not ready,
                         // unless adopted as ready after an agent restart.
@@ -1218,7 +1268,7 @@ impl Worker {
                         ..Default::default()
                     },
                     ready,
-                    true,
+                    started,
                 )
             }
             Observed::Exited { code } => {
