@@ -30,7 +30,7 @@ use skiff_agent::cni::network::{Ipv4Net, VETH_PREFIX, netns_name, veth_name};
 use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
     runtime::{ContainerState, Runtime, cgroup_dirs},
-    test_images::{LocalRegistry, busybox_image},
+    test_images::{LocalRegistry, RegistryAuth, busybox_image},
 };
 use support::*;
 
@@ -461,6 +461,123 @@ fn logs_and_exec(c: &Cluster, image: &str) {
     c.kubectl(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
 }
 
+#[link(name = "crypt")]
+unsafe extern "C" {
+    fn crypt(key: *const std::ffi::c_char, salt: *const std::ffi::c_char) -> *mut std::ffi::c_char;
+}
+
+/// An htpasswd line with a bcrypt hash (libcrypt's `$2b$`; the registry takes bcrypt only).
+fn htpasswd_line(user: &str, password: &str) -> String {
+    const B64: &[u8] = b"./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let salt: String = (0..22)
+        .map(|i| B64[(std::process::id() as usize * 31 + i * 7) % 64] as char)
+        .collect();
+    let key = std::ffi::CString::new(password).unwrap();
+    let salt = std::ffi::CString::new(format!("$2b$05${salt}")).unwrap();
+    // SAFETY: NUL-terminated inputs; crypt returns a static buffer (or NULL), copied at
+    // once on this thread.
+    let hash = unsafe {
+        let h = crypt(key.as_ptr(), salt.as_ptr());
+        assert!(!h.is_null(), "crypt failed");
+        std::ffi::CStr::from_ptr(h).to_string_lossy().into_owned()
+    };
+    assert!(hash.starts_with("$2b$"), "libcrypt without bcrypt: {hash}");
+    format!("{user}:{hash}\n")
+}
+
+/// imagePullSecrets against a registry with basic authentication: the pod's secret and a
+/// ServiceAccount's secret pull the image; a wrong password, a missing secret and no
+/// secret give ErrImagePull/ImagePullBackOff with the registry's 401.
+fn pull_secrets(c: &Cluster, image: &str, host: &str) {
+    let secret = |name: &str, pass: &str| {
+        c.kubectl(&[
+            "create",
+            "secret",
+            "docker-registry",
+            name,
+            "--docker-server",
+            host,
+            "--docker-username",
+            "alice",
+            "--docker-password",
+            pass,
+        ]);
+    };
+    secret("regcred", "pw");
+    secret("wrongcred", "not-the-password");
+    let pod = |name: &str, extra: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n{extra}  containers:\n  - {{name: c, image: \"{image}\", imagePullPolicy: Always, command: [sleep, \"3600\"]}}\n"
+        )
+    };
+    let mut yaml = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: puller}\nimagePullSecrets: [{name: regcred}]\n".to_string();
+    yaml.push_str(&pod(
+        "private-ok",
+        "  imagePullSecrets: [{name: regcred}]\n",
+    ));
+    yaml.push_str(&pod("private-sa", "  serviceAccountName: puller\n"));
+    yaml.push_str(&pod(
+        "private-wrong",
+        "  imagePullSecrets: [{name: wrongcred}]\n",
+    ));
+    yaml.push_str(&pod(
+        "private-missing",
+        "  imagePullSecrets: [{name: ghostcred}]\n",
+    ));
+    yaml.push_str(&pod("private-none", ""));
+    c.apply(&yaml);
+    let t = Instant::now();
+    for name in ["private-ok", "private-sa"] {
+        eventually(
+            &format!("{name} Running with the pull secret"),
+            Duration::from_secs(60),
+            || is_ready(&c.json(&["get", "pod", name])).then_some(()),
+        );
+    }
+    println!(
+        "private image pulled with secrets in {} ms",
+        t.elapsed().as_millis()
+    );
+    for name in ["private-wrong", "private-missing", "private-none"] {
+        let w = eventually(
+            &format!("{name} in ErrImagePull"),
+            Duration::from_secs(60),
+            || {
+                let p = c.json(&["get", "pod", name]);
+                let w = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+                (w["reason"] == "ErrImagePull" || w["reason"] == "ImagePullBackOff").then_some(w)
+            },
+        );
+        let m = w["message"].as_str().unwrap_or_default();
+        assert!(
+            m.contains("401") || m.contains("nauthorized") || m.contains("UNAUTHORIZED"),
+            "{name}: {w}"
+        );
+        println!("{name}: {m}");
+    }
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=private-missing",
+    ]);
+    assert!(
+        events.contains("Unable to retrieve some image pull secrets (ghostcred)"),
+        "{events}"
+    );
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "private-ok",
+        "private-sa",
+        "private-wrong",
+        "private-missing",
+        "private-none",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+}
+
 /// Static pods: a manifest in agent-1's --manifest-dir runs without the apiserver as its
 /// source, with a mirror pod `<pod>-agent-1`; deleting the mirror recreates it without
 /// touching the containers; removing the file removes the pod. Garbage files are skipped.
@@ -631,6 +748,18 @@ fn kubelet_end_to_end() {
     let image = registry.image_ref("skiff/busybox:1.0");
     rt.block_on(busybox_image().expect("busybox image").push(&image))
         .expect("push busybox");
+    // A second registry that wants a login (alice/pw), for imagePullSecrets.
+    let auth_registry = LocalRegistry::start_with_htpasswd(
+        dir.join("registry-auth"),
+        &htpasswd_line("alice", "pw"),
+    )
+    .expect("start docker-registry with htpasswd");
+    let private_image = auth_registry.image_ref("team/busybox:1.0");
+    rt.block_on(busybox_image().expect("busybox image").push_with_auth(
+        &private_image,
+        &RegistryAuth::Basic("alice".into(), "pw".into()),
+    ))
+    .expect("push busybox with a login");
     let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
     // --- control plane.
@@ -678,6 +807,7 @@ fn kubelet_end_to_end() {
                 .arg("--root-dir")
                 .arg(dir.join(node))
                 .args(["--insecure-registry", &registry.host()])
+                .args(["--insecure-registry", &auth_registry.host()])
                 .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
                 // Several agents share 127.0.0.1: any free kubelet API port.
                 .args(["--port", "0", "--pod-network", "host-routes"])
@@ -833,6 +963,9 @@ fn kubelet_end_to_end() {
 
     // --- kubectl logs and exec through the apiserver to the agents' kubelet API.
     logs_and_exec(&c, &image);
+
+    // --- imagePullSecrets.
+    pull_secrets(&c, &private_image, &auth_registry.host());
 
     // --- a missing image: ErrImagePull, then ImagePullBackOff.
     let missing = registry.image_ref("skiff/missing:1.0");
@@ -1282,4 +1415,5 @@ fn kubelet_end_to_end() {
     drop(apiserver);
     drop(containerd);
     drop(registry);
+    drop(auth_registry);
 }

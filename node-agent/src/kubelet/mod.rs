@@ -9,6 +9,7 @@
 //! - pod networks: [`crate::cni`].
 //! - [`env`]: container environment (valueFrom, envFrom, `$(VAR)` expansion).
 //! - [`probes`]: httpGet/tcpSocket/exec probes.
+//! - [`credentials`]: imagePullSecrets (dockerconfigjson/dockercfg) matched to images.
 //! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
 //!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
 //!   shim, status, stop, delete, list for adoption.
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod containerd_process;
+pub mod credentials;
 pub mod env;
 
 pub mod node;

@@ -47,11 +47,13 @@ use crate::cni::network::{PodNetwork, uid_prefix};
 
 use super::{
     agent::{Kubelet, now},
+    credentials,
     env::{self, PodFields},
     pod_status::{parse_quantity, phase, should_restart},
     probes::{ProbeTarget, Prober},
     runtime::{
-        ContainerConfig, ContainerInfo, ContainerState, PullPolicy, Runtime, RuntimeError, TaskIo,
+        ContainerConfig, ContainerInfo, ContainerState, ImageInfo, PullPolicy, Runtime,
+        RuntimeError, TaskIo,
     },
 };
 
@@ -759,6 +761,53 @@ impl Worker {
                 c.waiting = Some((
                     "CrashLoopBackOff".into(),
                     format!(
+    /// The image per pull policy, pulled with the pod's imagePullSecrets (and its
+    /// ServiceAccount's): each matching login in turn, anonymously when none matches.
+    async fn ensure_image(
+        &self,
+        rt: &Runtime,
+        image: &str,
+        policy: PullPolicy,
+    ) -> Result<ImageInfo, RuntimeError> {
+        let insecure = &self.k.cfg.insecure_registries;
+        if policy != PullPolicy::Always
+            && let Some(info) = rt.image(image).await?
+        {
+            return Ok(info);
+        }
+        if policy == PullPolicy::Never {
+            return Err(RuntimeError::ImageNotPresent(image.to_string()));
+        }
+        let (ring, missing) = credentials::pod_keyring(&self.k.client, &self.pod).await;
+        if !missing.is_empty() {
+            self.event(
+                "Warning",
+                "FailedToRetrieveImagePullSecret",
+                format!(
+                    "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed.",
+                    missing.join(", ")
+                ),
+            );
+        }
+        let mut last = None;
+        for cred in credentials::lookup(&ring, image) {
+            match rt
+                .pull_with_auth(image, insecure, &cred.registry_auth())
+                .await
+            {
+                Ok(info) => return Ok(info),
+                Err(e) => {
+                    tracing::info!(pod = %self.name(), "pull of {image} with the login of secret {}: {e}", cred.secret);
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            None => rt.pull(image, insecure).await,
+        }
+    }
+
                         "back-off {}s restarting failed container={name} pod={pod_desc}",
                         c.restart_delay.as_secs()
                     ),
@@ -793,9 +842,7 @@ impl Worker {
             self.event("Normal", "Pulling", format!("Pulling image \"{image}\""));
         }
         let t = Instant::now();
-        let pulled = rt
-            .ensure_image(&image, &self.k.cfg.insecure_registries, policy)
-            .await;
+        let pulled = self.ensure_image(rt, &image, policy).await;
         let c = self.ctrs.entry(name.clone()).or_default();
         match pulled {
             Ok(info) => {

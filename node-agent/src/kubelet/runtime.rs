@@ -248,6 +248,17 @@ pub struct SnapshotInfo {
     pub kind: i32,
 }
 
+/// A registry client error as containerd words an HTTP failure (the status code shown:
+/// 401 for a missing or wrong login).
+fn registry_error(e: &oci_client::errors::OciDistributionError) -> String {
+    match e {
+        oci_client::errors::OciDistributionError::UnauthorizedError { url } => {
+            format!("unexpected status from GET request to {url}: 401 Unauthorized")
+        }
+        e => e.to_string(),
+    }
+}
+
 /// A registry client for `insecure_hosts` over plain http (e.g. `127.0.0.1:5000`), https
 /// elsewhere. Installs rustls' ring provider as the process default if none is set.
 pub fn registry_client(insecure_hosts: &[String]) -> Result<oci_client::Client, String> {
@@ -543,7 +554,7 @@ impl Runtime {
         let (top_bytes, top_digest) = client
             .pull_manifest_raw(&reference, auth, &accept)
             .await
-            .map_err(|e| pull_err(format!("manifest: {e}")))?;
+            .map_err(|e| pull_err(format!("manifest: {}", registry_error(&e))))?;
         let top: serde_json::Value = serde_json::from_slice(&top_bytes)
             .map_err(|e| pull_err(format!("manifest is not JSON: {e}")))?;
         let top_media = media_type_of(&top);

@@ -11,6 +11,9 @@
 //! - [`busybox_image`]: /bin/busybox plus a symlink per applet (sh, echo, sleep, cat, ls,
 //!   wget, nc, httpd, ...), `PATH=/bin`, cmd `sh`.
 
+/// Registry logins for [`OciImage::push_with_auth`].
+pub use oci_client::secrets::RegistryAuth;
+
 use std::{
     collections::BTreeMap,
     fs, io,
@@ -59,6 +62,21 @@ impl LocalRegistry {
     /// Like [`LocalRegistry::start`], listening on `ip` (e.g. a test bridge's host
     /// address, so agents in node network namespaces can pull).
     pub fn start_on(dir: impl AsRef<Path>, ip: std::net::Ipv4Addr) -> io::Result<Self> {
+        Self::start_with(dir, ip, None)
+    }
+
+    /// Like [`LocalRegistry::start`], with basic authentication: `htpasswd` is the content
+    /// of the registry's htpasswd file (`user:<bcrypt hash>` lines; the registry takes
+    /// bcrypt only). Without a login, requests get 401.
+    pub fn start_with_htpasswd(dir: impl AsRef<Path>, htpasswd: &str) -> io::Result<Self> {
+        Self::start_with(dir, std::net::Ipv4Addr::LOCALHOST, Some(htpasswd))
+    }
+
+    fn start_with(
+        dir: impl AsRef<Path>,
+        ip: std::net::Ipv4Addr,
+        htpasswd: Option<&str>,
+    ) -> io::Result<Self> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir.join("storage"))?;
         let dir = dir.canonicalize()?;
@@ -72,13 +90,18 @@ impl LocalRegistry {
         }
         let port = free_port()?;
         let config = dir.join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n",
-                dir.join("storage").display()
-            ),
-        )?;
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n",
+            dir.join("storage").display()
+        );
+        if let Some(h) = htpasswd {
+            fs::write(dir.join("htpasswd"), h)?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: skiff\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
+        fs::write(&config, yaml)?;
         let log = fs::File::create(dir.join("registry.log"))?;
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
@@ -128,8 +151,16 @@ impl LocalRegistry {
         }
         let mut buf = [0u8; 64];
         let n = io::Read::read(&mut s, &mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.0 200")
-            || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
+        // 401: up, with authentication.
+        let head = String::from_utf8_lossy(&buf[..n]);
+        [
+            "HTTP/1.0 200",
+            "HTTP/1.1 200",
+            "HTTP/1.0 401",
+            "HTTP/1.1 401",
+        ]
+        .iter()
+        .any(|p| head.starts_with(p))
     }
 
     /// `127.0.0.1:<port>`: the registry part of image references, and the entry to put in
@@ -397,13 +428,22 @@ impl OciImage {
     /// Pushes layer, config and manifest to `reference` (e.g. `127.0.0.1:5000/skiff/busybox:latest`)
     /// over plain http. Returns the manifest digest.
     pub async fn push(&self, reference: &str) -> Result<String, String> {
+        self.push_with_auth(reference, &oci_client::secrets::RegistryAuth::Anonymous)
+            .await
+    }
+
+    /// [`OciImage::push`] with a registry login.
+    pub async fn push_with_auth(
+        &self,
+        reference: &str,
+        auth: &oci_client::secrets::RegistryAuth,
+    ) -> Result<String, String> {
         let r: oci_client::Reference = reference
             .parse()
             .map_err(|e| format!("bad reference {reference}: {e}"))?;
         let client = super::runtime::registry_client(&[r.resolve_registry().to_string()])?;
-        let auth = oci_client::secrets::RegistryAuth::Anonymous;
         client
-            .auth(&r, &auth, oci_client::RegistryOperation::Push)
+            .auth(&r, auth, oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| format!("auth for {reference}: {e}"))?;
         for (data, digest) in [
