@@ -295,7 +295,7 @@ spec:
     volumeMounts: [{{name: data, mountPath: /data}}]
   - name: side
     image: "{image}"
-    command: ["sh", "-c", "echo side-says-hi; exec sleep 3600"]
+    command: ["sh", "-c", "echo side-says-hi; echo side-err >&2; exec sleep 3600"]
 "#
     )
 }
@@ -308,9 +308,42 @@ fn last_tick(s: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `kubectl logs` (plain, -c, --previous, --tail, -f) and `kubectl exec`, proxied by the
-/// apiserver to the kubelet API of the pod's agent.
-fn logs_and_exec(c: &Cluster, image: &str) {
+/// The CRI log lines of `file` (every line must parse).
+fn cri_lines(file: &Path) -> Vec<(String, String, String, String)> {
+    let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    text.lines()
+        .map(|l| {
+            let mut p = l.splitn(4, ' ');
+            let (ts, stream, tag, msg) = (
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+            );
+            assert!(
+                ts.ends_with('Z') && ts.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
+                "{}: not a CRI line: {l:?}",
+                file.display()
+            );
+            assert!(matches!(stream, "stdout" | "stderr"), "{l:?}");
+            assert!(matches!(tag, "F" | "P"), "{l:?}");
+            (ts.into(), stream.into(), tag.into(), msg.into())
+        })
+        .collect()
+}
+
+/// The time of a `kubectl logs --timestamps` line.
+fn line_time(l: &str) -> k8s_openapi::jiff::Timestamp {
+    l.split(' ')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no timestamp in {l:?}"))
+}
+
+/// `kubectl logs` (plain, -c, --previous, --tail, -f, --timestamps, --since-time) and
+/// `kubectl exec`, proxied by the apiserver to the kubelet API of the pod's agent; the
+/// files in the CRI layout under the agents' --pod-logs-dir.
+fn logs_and_exec(c: &Cluster, image: &str, logs: &Path) {
     c.apply(&talker_pod(image));
     let t = Instant::now();
     eventually(
@@ -338,11 +371,61 @@ fn logs_and_exec(c: &Cluster, image: &str) {
     });
     assert!(main.starts_with("instance-2\ntick-1\n"), "{main}");
     assert!(!main.contains("instance-1"), "{main}");
-    // The other container, and the default (first) container without -c.
+    // The files: <ns>_<pod>_<uid>/<container>/<restartCount>.log, CRI lines.
+    let uid = c.json(&["get", "pod", "talker"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod_logs = logs.join(format!("default_talker_{uid}"));
+    let prev = cri_lines(&pod_logs.join("main/0.log"));
+    assert_eq!(prev.len(), 1, "{prev:?}");
     assert_eq!(
-        c.kubectl(&["logs", "talker", "-c", "side"]),
-        "side-says-hi\n"
+        (prev[0].1.as_str(), prev[0].2.as_str(), prev[0].3.as_str()),
+        ("stdout", "F", "instance-1")
     );
+    let cur = cri_lines(&pod_logs.join("main/1.log"));
+    assert_eq!(cur[0].3, "instance-2");
+    assert!(cur.len() >= 3 && cur[1].3 == "tick-1", "{cur:?}");
+    let side = cri_lines(&pod_logs.join("side/0.log"));
+    let mut side_msgs: Vec<(String, String)> =
+        side.iter().map(|l| (l.1.clone(), l.3.clone())).collect();
+    side_msgs.sort();
+    assert_eq!(
+        side_msgs,
+        [
+            ("stderr".to_string(), "side-err".to_string()),
+            ("stdout".to_string(), "side-says-hi".to_string())
+        ]
+    );
+    // The other container (stdout and stderr), and the default (first) container
+    // without -c.
+    let side_out = c.kubectl(&["logs", "talker", "-c", "side"]);
+    let mut side_lines: Vec<&str> = side_out.lines().collect();
+    side_lines.sort();
+    assert_eq!(side_lines, ["side-err", "side-says-hi"], "{side_out}");
+    // --timestamps: each line's own time (ticks a second apart), as written in the file.
+    let stamped = c.kubectl(&["logs", "talker", "-c", "main", "--timestamps"]);
+    let ticks: Vec<&str> = stamped.lines().filter(|l| l.contains(" tick-")).collect();
+    assert!(ticks.len() >= 2, "{stamped}");
+    assert!(
+        ticks[0].ends_with(" tick-1") && ticks[1].ends_with(" tick-2"),
+        "{stamped}"
+    );
+    let (t1, t2) = (line_time(ticks[0]), line_time(ticks[1]));
+    let gap = t2.duration_since(t1).as_secs_f64();
+    assert!(
+        (0.9..3.0).contains(&gap),
+        "tick-1 -> tick-2: {gap} s\n{stamped}"
+    );
+    assert_eq!(
+        t1,
+        cur[1].0.parse::<k8s_openapi::jiff::Timestamp>().unwrap(),
+        "the file's time of tick-1"
+    );
+    // --since-time (kubectl sends whole seconds): from tick-2 on.
+    let since = t2.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let from2 = c.kubectl(&["logs", "talker", "-c", "main", "--since-time", &since]);
+    assert!(from2.starts_with("tick-2\n"), "since {since}: {from2}");
     let dflt = c.kubectl_out(&["logs", "talker"], None);
     assert!(dflt.status.success());
     assert!(
@@ -459,6 +542,11 @@ fn logs_and_exec(c: &Cluster, image: &str) {
     assert!(o.status.success(), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "from stdin\n");
     c.kubectl(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
+    assert!(
+        !pod_logs.exists(),
+        "{} left after the pod was deleted",
+        pod_logs.display()
+    );
 }
 
 #[link(name = "crypt")]
@@ -794,6 +882,8 @@ fn kubelet_end_to_end() {
     // --- agents (agent-1 with a static pod manifest dir).
     let manifests = dir.join("manifests");
     fs::create_dir_all(&manifests).unwrap();
+    // Both agents' logs in one directory, as /var/log/pods is one per host.
+    let pod_logs_dir = dir.join("pod-logs");
     let start_agent = |node: &str, log: &str| {
         Proc::spawn(
             log,
@@ -806,6 +896,8 @@ fn kubelet_end_to_end() {
                 .arg(containerd.socket())
                 .arg("--root-dir")
                 .arg(dir.join(node))
+                .arg("--pod-logs-dir")
+                .arg(&pod_logs_dir)
                 .args(["--insecure-registry", &registry.host()])
                 .args(["--insecure-registry", &auth_registry.host()])
                 .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
@@ -962,7 +1054,7 @@ fn kubelet_end_to_end() {
     }
 
     // --- kubectl logs and exec through the apiserver to the agents' kubelet API.
-    logs_and_exec(&c, &image);
+    logs_and_exec(&c, &image, &pod_logs_dir);
 
     // --- imagePullSecrets.
     pull_secrets(&c, &private_image, &auth_registry.host());
@@ -1206,10 +1298,29 @@ fn kubelet_end_to_end() {
             )
         })
         .collect();
+    // A pod that prints a line a second: its log goes on while the agents are down.
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: ticker}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: \"{image}\"\n    command: [sh, -c, 'i=0; while true; do i=$((i+1)); echo tick-$i; sleep 1; done']\n"
+    ));
+    let ticker = eventually("ticker running", Duration::from_secs(60), || {
+        let p = c.json(&["get", "pod", "ticker"]);
+        is_ready(&p).then_some(p)
+    });
+    let ticker_uid = ticker["metadata"]["uid"].as_str().unwrap().to_string();
+    let ticker_log = pod_logs_dir
+        .join(format!("default_ticker_{ticker_uid}"))
+        .join("c/0.log");
     for a in agents.iter_mut() {
         a.stop();
     }
     agents.clear();
+    let lines_at_stop = cri_lines(&ticker_log).len();
+    std::thread::sleep(Duration::from_secs(3));
+    let lines_while_down = cri_lines(&ticker_log).len();
+    assert!(
+        lines_while_down >= lines_at_stop + 2,
+        "the log stopped with the agents: {lines_at_stop} -> {lines_while_down} lines"
+    );
     // While the agents are down, one pod is force-deleted: its containers and network
     // are orphans the restarted agent must remove (the Deployment makes a new pod).
     let orphan = c.json(&["get", "pod", &victim]);
@@ -1265,6 +1376,15 @@ fn kubelet_end_to_end() {
     println!(
         "agent restart: 2 pods kept their containers, the force-deleted one's replacement runs"
     );
+    // The ticker: not restarted, its log complete across the agent restart.
+    let out = c.kubectl(&["logs", "ticker"]);
+    let n = last_tick(&out) as usize;
+    let want: String = (1..=n).map(|i| format!("tick-{i}\n")).collect();
+    assert_eq!(out, want, "ticker log with gaps");
+    assert!(n > lines_while_down, "{out}");
+    assert_eq!(restart_count(&c.json(&["get", "pod", "ticker"])), 0);
+    c.kubectl(&["delete", "pod", "ticker", "--wait=true", "--timeout=60s"]);
+    assert!(!ticker_log.exists(), "ticker log left after deletion");
     let orphan_rt = rt
         .block_on(Runtime::connect(containerd.socket(), &orphan_node))
         .expect("connect");

@@ -3,9 +3,11 @@
 //!
 //! `skiff-agent --node-name N --kubeconfig K --containerd-address SOCK [--root-dir DIR]
 //!  [--insecure-registry 127.0.0.1:PORT ...] [--node-ip IP] [--port 10250]
-//!  [--bind-address IP] [--manifest-dir DIR]` (as root). Serves the kubelet API (logs,
-//! exec) over HTTPS; runs the static pods of DIR, with mirror pods in the API. Prints
-//! "skiff-agent <node> ready" on stdout once the Node is registered.
+//!  [--bind-address IP] [--manifest-dir DIR] [--pod-logs-dir /var/log/pods]` (as root).
+//! Serves the kubelet API (logs, exec) over HTTPS; runs the static pods of DIR, with
+//! mirror pods in the API. Prints "skiff-agent <node> ready" on stdout once the Node is
+//! registered. The same binary is the per-container log copier the runc shim starts
+//! (`skiff-agent --cri-log FILE`, see skiff_agent::kubelet::cri_log).
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -28,10 +30,12 @@ struct Args {
     /// containerd's gRPC socket.
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     containerd_address: PathBuf,
-    /// State directory (IP allocations, pod files, container logs); default
-    /// /var/lib/skiff/agent/<node>.
+    /// State directory (IP allocations, pod files); default /var/lib/skiff/agent/<node>.
     #[arg(long)]
     root_dir: Option<PathBuf>,
+    /// Container logs, in the CRI layout `<ns>_<pod>_<uid>/<container>/<restart>.log`.
+    #[arg(long, default_value = "/var/log/pods")]
+    pod_logs_dir: PathBuf,
     /// Registries reached over plain http (repeatable), e.g. 127.0.0.1:5000.
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
@@ -71,8 +75,18 @@ struct Args {
     proxy_mode: ProxyMode,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Started by containerd's shim as a container's log copier (binary:// IO).
+    if let Some(code) = skiff_agent::kubelet::cri_log::copier_from_args() {
+        std::process::exit(code);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -88,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(d) = a.root_dir {
         cfg.root_dir = d;
     }
+    cfg.pod_logs_dir = a.pod_logs_dir;
     cfg.insecure_registries = a.insecure_registries;
     cfg.node_ip = a.node_ip;
     cfg.lease_renew_interval = Duration::from_secs(a.node_lease_renew_interval.max(1));

@@ -49,8 +49,10 @@ pub struct AgentConfig {
     pub node_name: String,
     pub kubeconfig: Option<PathBuf>,
     pub containerd_address: PathBuf,
-    /// State: IP allocations, container logs.
+    /// State: IP allocations, pod files.
     pub root_dir: PathBuf,
+    /// Container logs in the CRI layout (`--pod-logs-dir`), see [`super::cri_log`].
+    pub pod_logs_dir: PathBuf,
     /// Registries reached over plain http (`127.0.0.1:5000`).
     pub insecure_registries: Vec<String>,
     /// The node's InternalIP (and pods' hostIP).
@@ -81,6 +83,7 @@ impl AgentConfig {
             kubeconfig: None,
             containerd_address,
             root_dir: PathBuf::from("/var/lib/skiff/agent").join(node_name),
+            pod_logs_dir: PathBuf::from("/var/log/pods"),
             insecure_registries: vec![],
             node_ip: node::DEFAULT_NODE_IP,
             lease_renew_interval: Duration::from_secs(10),

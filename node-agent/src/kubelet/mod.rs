@@ -14,6 +14,8 @@
 //!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
 //!   shim, status, stop, delete, list for adoption.
 //! - [`static_pods`]: pods from the files of `--manifest-dir`, with mirror pods in the API.
+//! - [`cri_log`]: container logs in the CRI layout and format (a log copier per
+//!   container, run by the shim), read back for containerLogs.
 //! - [`server`]: the kubelet's HTTPS API (containerLogs, exec) the apiserver proxies to.
 //! - [`containerd_process`]: a private containerd daemon (tests, `cargo xtask up`).
 //! - [`test_images`]: a local registry and tiny OCI images built from busybox-static.
@@ -21,6 +23,7 @@
 pub mod agent;
 pub mod containerd_process;
 pub mod credentials;
+pub mod cri_log;
 pub mod env;
 
 pub mod node;

@@ -47,7 +47,7 @@ use crate::cni::network::{PodNetwork, uid_prefix};
 
 use super::{
     agent::{Kubelet, now},
-    credentials,
+    credentials, cri_log,
     env::{self, PodFields},
     pod_status::{parse_quantity, phase, should_restart},
     probes::{ProbeTarget, Prober},
@@ -747,20 +747,6 @@ impl Worker {
         c.finished_at = Some(now());
     }
 
-    /// Starts (or restarts) one container, honouring backoffs.
-    async fn start(&mut self, rt: &Runtime, spec: &Container, init: bool) {
-        let name = spec.name.clone();
-        let pod_desc = format!("{}_{}({})", self.name(), self.ns(), self.uid);
-        let image = spec.image.clone().unwrap_or_default();
-        let nowi = Instant::now();
-        let c = self.ctrs.entry(name.clone()).or_default();
-        if let Some(until) = c.backoff_until
-            && nowi < until
-        {
-            if c.id.is_some() {
-                c.waiting = Some((
-                    "CrashLoopBackOff".into(),
-                    format!(
     /// The image per pull policy, pulled with the pod's imagePullSecrets (and its
     /// ServiceAccount's): each matching login in turn, anonymously when none matches.
     async fn ensure_image(
@@ -808,6 +794,20 @@ impl Worker {
         }
     }
 
+    /// Starts (or restarts) one container, honouring backoffs.
+    async fn start(&mut self, rt: &Runtime, spec: &Container, init: bool) {
+        let name = spec.name.clone();
+        let pod_desc = format!("{}_{}({})", self.name(), self.ns(), self.uid);
+        let image = spec.image.clone().unwrap_or_default();
+        let nowi = Instant::now();
+        let c = self.ctrs.entry(name.clone()).or_default();
+        if let Some(until) = c.backoff_until
+            && nowi < until
+        {
+            if c.id.is_some() {
+                c.waiting = Some((
+                    "CrashLoopBackOff".into(),
+                    format!(
                         "back-off {}s restarting failed container={name} pod={pod_desc}",
                         c.restart_delay.as_secs()
                     ),
@@ -955,11 +955,27 @@ impl Worker {
         let id = format!("{}-{name}-{attempt}", uid_prefix(&self.uid));
         let _ = rt.delete(&id).await;
         let _ = std::fs::create_dir_all(&log_dir);
+        // The log of this attempt and the previous one are kept (as the kubelet keeps one
+        // dead container per container).
+        if let Some(old) = attempt.checked_sub(2) {
+            let _ = std::fs::remove_file(log_dir.join(format!("{old}.log")));
+        }
+        let log_file = log_dir.join(format!("{attempt}.log"));
+        let io = match cri_log::agent_exe() {
+            Ok(exe) => TaskIo::Uri(cri_log::copier_uri(&exe, &log_file)),
+            Err(e) => {
+                tracing::warn!(
+                    "no log copier (own binary: {e}); raw logs in {}",
+                    log_file.display()
+                );
+                TaskIo::File(log_file)
+            }
+        };
         let mut cfg = ContainerConfig::new(
             id.clone(),
             image.clone(),
             rt.cgroups_path(&format!("pod-{}", self.uid), &name),
-            TaskIo::File(log_dir.join(format!("{attempt}.log"))),
+            io,
         );
         cfg.command = spec
             .command
@@ -1091,11 +1107,11 @@ impl Worker {
         self.k.cfg.root_dir.join("pods").join(&self.uid)
     }
 
+    /// `<pod-logs-dir>/<ns>_<pod>_<uid>` (the CRI layout, see [`cri_log`]).
     fn log_dir(&self) -> PathBuf {
         self.k
             .cfg
-            .root_dir
-            .join("logs")
+            .pod_logs_dir
             .join(format!("{}_{}_{}", self.ns(), self.name(), self.uid))
     }
 

@@ -151,6 +151,9 @@ pub enum TaskIo {
     File(PathBuf),
     /// FIFOs (or files) opened by the shim; the agent reads them (e.g. to write CRI-format logs).
     Fifos { stdout: PathBuf, stderr: PathBuf },
+    /// Both streams to one IO URI, e.g. `binary://` (a program the shim starts with the
+    /// pipes; the CRI log copier of [`super::cri_log`]).
+    Uri(String),
     /// /dev/null.
     Null,
 }
@@ -1220,6 +1223,7 @@ impl Runtime {
             TaskIo::Fifos { stdout, stderr } => {
                 (stdout.display().to_string(), stderr.display().to_string())
             }
+            TaskIo::Uri(u) => (u.clone(), u.clone()),
             TaskIo::Null => (String::new(), String::new()),
         };
         let created = v1::tasks_client::TasksClient::new(self.channel.clone())

@@ -1,9 +1,11 @@
 //! The kubelet's HTTPS API, what the apiserver proxies `kubectl logs` and `kubectl exec` to:
 //!
 //! - `GET /containerLogs/{namespace}/{pod}/{container}?follow=&previous=&tailLines=&timestamps=
-//!   &sinceSeconds=&sinceTime=&limitBytes=`: the container's log file
-//!   (`<root-dir>/logs/<ns>_<pod>_<uid>/<container>/<attempt>.log`, one file per restart,
-//!   written by the runc shim through `file://` IO). Which attempt is chosen the way the
+//!   &sinceSeconds=&sinceTime=&limitBytes=`: the container's log file in the CRI layout
+//!   and format (`<pod-logs-dir>/<ns>_<pod>_<uid>/<container>/<attempt>.log`, one file per
+//!   restart, written by the container's log copier, see [`super::cri_log`]); the
+//!   messages are sent, `timestamps` and `sinceTime`/`sinceSeconds` use each line's own
+//!   time, `tailLines` counts file lines. Which attempt is chosen the way the
 //!   kubelet does it (validateContainerLogStatus): from the pod's status, the running
 //!   container, else the terminated one, else lastState; `previous` is lastState's. The
 //!   attempt is the last `-N` of the containerd id (`<uid8>-<container>-<attempt>`).
@@ -19,11 +21,7 @@
 //!
 //! Deviations, for now: the serving certificate is self-signed (generated at start, not
 //! signed by the cluster CA) and requests are not authenticated (the apiserver does not
-//! verify the certificate either); the log files are raw stdout+stderr (not the CRI format),
-//! so `timestamps` prefixes each line with the file's modification time (lines already
-//! written) or the time it was read (followed lines), and `sinceSeconds`/`sinceTime` skip the
-//! existing content when the file was last written before that time; `tty` is accepted but
-//! the command gets pipes, not a terminal.
+//! verify the certificate either).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -54,6 +52,7 @@ use tokio::{
 
 use super::{
     agent::Kubelet,
+    cri_log::LogFormatter,
     runtime::{ContainerState, RuntimeError},
 };
 
@@ -369,17 +368,17 @@ pub fn select_log_container(
     }))
 }
 
-/// `<root>/logs/<ns>_<pod>_<uid>/<container>/<attempt>.log` (pod_worker's layout).
+/// `<pod-logs-dir>/<ns>_<pod>_<uid>/<container>/<attempt>.log` (the CRI layout
+/// pod_worker's log copiers write).
 pub fn log_path(
-    root: &Path,
+    logs: &Path,
     ns: &str,
     pod: &str,
     uid: &str,
     container: &str,
     attempt: u32,
 ) -> PathBuf {
-    root.join("logs")
-        .join(format!("{ns}_{pod}_{uid}"))
+    logs.join(format!("{ns}_{pod}_{uid}"))
         .join(container)
         .join(format!("{attempt}.log"))
 }
@@ -400,71 +399,6 @@ pub fn tail_lines(data: &[u8], n: usize) -> &[u8] {
         }
     }
     data
-}
-
-/// Prefixes lines with a timestamp, across chunks that split lines.
-#[derive(Debug)]
-pub struct Timestamper {
-    at_line_start: bool,
-}
-
-impl Default for Timestamper {
-    fn default() -> Self {
-        Timestamper {
-            at_line_start: true,
-        }
-    }
-}
-
-impl Timestamper {
-    pub fn apply(&mut self, chunk: &[u8], at: chrono::DateTime<chrono::Utc>) -> Vec<u8> {
-        let ts = at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-        let mut out = Vec::with_capacity(chunk.len() + 40);
-        for b in chunk {
-            if self.at_line_start {
-                out.extend_from_slice(ts.as_bytes());
-                out.push(b' ');
-                self.at_line_start = false;
-            }
-            out.push(*b);
-            if *b == b'\n' {
-                self.at_line_start = true;
-            }
-        }
-        out
-    }
-}
-
-/// Turns raw log bytes into what is sent: timestamps and the byte limit.
-struct LogShaper {
-    ts: Option<Timestamper>,
-    left: Option<u64>,
-}
-
-impl LogShaper {
-    fn new(o: &LogOptions) -> Self {
-        LogShaper {
-            ts: o.timestamps.then(Timestamper::default),
-            left: o.limit_bytes,
-        }
-    }
-
-    /// The bytes to send, and whether the limit is reached.
-    fn shape(&mut self, data: &[u8], at: chrono::DateTime<chrono::Utc>) -> (Vec<u8>, bool) {
-        let mut out = match &mut self.ts {
-            Some(t) => t.apply(data, at),
-            None => data.to_vec(),
-        };
-        if let Some(left) = &mut self.left {
-            if out.len() as u64 >= *left {
-                out.truncate(*left as usize);
-                *left = 0;
-                return (out, true);
-            }
-            *left -= out.len() as u64;
-        }
-        (out, false)
-    }
 }
 
 // ------------------------------------------------------------------ handlers
@@ -516,7 +450,7 @@ async fn logs_response(
     let (id, running) = select_log_container(&pod, container, opts.previous)?;
     let attempt = attempt_of(&id)
         .ok_or_else(|| HttpError::internal(format!("container id {id:?} has no attempt number")))?;
-    let path = log_path(&k.cfg.root_dir, ns, pod_name, &uid, container, attempt);
+    let path = log_path(&k.cfg.pod_logs_dir, ns, pod_name, &uid, container, attempt);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         HttpError::not_found(format!(
             "the log of container {container:?} in pod {pod_name:?} is gone ({}: {e})",
@@ -542,7 +476,9 @@ async fn stream_log(
     follow: bool,
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> std::io::Result<()> {
-    let mut shaper = LogShaper::new(opts);
+    let mut fmt = LogFormatter::new(opts.timestamps, opts.since, opts.limit_bytes);
+    // The time of lines not in the CRI format (raw logs of containers an older agent
+    // started).
     let mtime: chrono::DateTime<chrono::Utc> = file
         .metadata()
         .await?
@@ -551,24 +487,21 @@ async fn stream_log(
         .unwrap_or_else(|_| chrono::Utc::now());
     let mut data = Vec::new();
     file.read_to_end(&mut data).await?;
-    let skip_old = opts.since.is_some_and(|s| mtime < s);
-    if !skip_old {
-        let shown = match opts.tail_lines {
-            Some(n) => tail_lines(&data, n),
-            None => &data[..],
-        };
-        let (out, done) = shaper.shape(shown, mtime);
-        if !out.is_empty() && tx.send(Ok(out.into())).await.is_err() {
-            return Ok(());
-        }
-        if done {
-            return Ok(());
-        }
-    }
-    if !follow {
+    // Complete lines only: the copier writes whole lines, a torn one is still being
+    // written.
+    let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let shown = match opts.tail_lines {
+        Some(n) => tail_lines(&data[..complete], n),
+        None => &data[..complete],
+    };
+    let (out, done) = fmt.feed(shown, mtime);
+    if !out.is_empty() && tx.send(Ok(out.into())).await.is_err() {
         return Ok(());
     }
-    let mut pos = data.len() as u64;
+    if done || !follow {
+        return Ok(());
+    }
+    let mut pos = complete as u64;
     let mut last_check = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -590,8 +523,8 @@ async fn stream_log(
                 break;
             }
             pos += n as u64;
-            let (out, done) = shaper.shape(&buf[..n], chrono::Utc::now());
-            if tx.send(Ok(out.into())).await.is_err() || done {
+            let (out, done) = fmt.feed(&buf[..n], chrono::Utc::now());
+            if (!out.is_empty() && tx.send(Ok(out.into())).await.is_err()) || done {
                 return Ok(());
             }
         }
@@ -1006,8 +939,8 @@ mod tests {
         assert_eq!(attempt_of("containerd://abcd1234-my-app-12"), Some(12));
         assert_eq!(attempt_of("abcd"), None);
         assert_eq!(
-            log_path(Path::new("/r"), "ns", "p", "u", "c", 3),
-            PathBuf::from("/r/logs/ns_p_u/c/3.log")
+            log_path(Path::new("/var/log/pods"), "ns", "p", "u", "c", 3),
+            PathBuf::from("/var/log/pods/ns_p_u/c/3.log")
         );
     }
 
@@ -1020,22 +953,6 @@ mod tests {
         assert!(o.follow && o.timestamps && !o.previous);
         assert_eq!((o.tail_lines, o.limit_bytes), (Some(5), Some(4)));
         assert!(LogOptions::from_query(&parse_query(Some("tailLines=x"))).is_err());
-        let mut t = Timestamper::default();
-        let at = chrono::DateTime::parse_from_rfc3339("2024-01-02T03:04:05Z")
-            .unwrap()
-            .with_timezone(&chrono::Utc);
-        let a = t.apply(b"x\ny", at);
-        let b = t.apply(b"z\n", at);
-        assert_eq!(
-            String::from_utf8(a).unwrap() + &String::from_utf8(b).unwrap(),
-            "2024-01-02T03:04:05.000000000Z x\n2024-01-02T03:04:05.000000000Z yz\n"
-        );
-        let mut s = LogShaper::new(&LogOptions {
-            limit_bytes: Some(3),
-            ..Default::default()
-        });
-        assert_eq!(s.shape(b"ab", at), (b"ab".to_vec(), false));
-        assert_eq!(s.shape(b"cd", at), (b"c".to_vec(), true));
         assert_eq!(
             parse_query(Some("command=sh&command=-c&command=echo+a%20b")),
             vec![
