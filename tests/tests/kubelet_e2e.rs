@@ -541,6 +541,49 @@ fn logs_and_exec(c: &Cluster, image: &str, logs: &Path) {
     );
     assert!(o.status.success(), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "from stdin\n");
+    // Without -t the command has no terminal.
+    let o = c.kubectl_out(&["exec", "talker", "-c", "main", "--", "tty"], None);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "not a tty\n");
+    // -it with a real terminal: script(1) gives kubectl one (and sets its size, which
+    // kubectl sends as a resize message).
+    let in_terminal = |shell: &str| -> String {
+        let o = Command::new("script")
+            .args(["-qec", shell, "/dev/null"])
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script");
+        let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+        assert!(
+            o.status.success(),
+            "{shell}: {o:?}\n{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let kubectl = format!("{KUBECTL} --kubeconfig {}", c.kubeconfig.display());
+    let out = in_terminal(&format!("{kubectl} exec -it talker -c main -- tty"));
+    // (script may echo its own input, e.g. `^@`, before kubectl's output.)
+    let pts = out
+        .split_whitespace()
+        .find_map(|w| w.rsplit_once("/dev/pts/"))
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_default();
+    assert!(
+        pts.parse::<u32>().is_ok(),
+        "tty in kubectl exec -it: {out:?}"
+    );
+    let line = format!("/dev/pts/{pts}");
+    let out = in_terminal(&format!(
+        "stty rows 33 cols 111; {kubectl} exec -it talker -c main -- sh -c 'sleep 1; stty size'"
+    ));
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start_matches("^@").trim() == "33 111"),
+        "terminal size after resize: {out:?}"
+    );
+    println!("kubectl exec -it: {line}, resized to 33x111");
     c.kubectl(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
     assert!(
         !pod_logs.exists(),

@@ -11,9 +11,13 @@
 //!   attempt is the last `-N` of the containerd id (`<uid8>-<container>-<attempt>`).
 //! - `GET /exec/{namespace}/{pod}/{container}?command=..&stdin=&stdout=&stderr=&tty=`: a
 //!   websocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`): channel 0 stdin, 1 stdout,
-//!   2 stderr, 3 error (a JSON Status once the command ended), 4 resize (ignored), 255 close
-//!   (v5). The command runs in the container's namespaces and root through `nsenter` (as
-//!   exec probes do) with the environment of the container's init process.
+//!   2 stderr, 3 error (a JSON Status once the command ended), 4 resize, 255 close (v5).
+//!   The command runs in the container's namespaces and root through `nsenter` (as exec
+//!   probes do) with the environment of the container's init process. With `tty=true` it
+//!   gets a pseudo-terminal from the container's devpts (so `tty` prints /dev/pts/N of the
+//!   container) as stdin/stdout/stderr and controlling terminal; its output goes out on
+//!   channel 1, and resize messages (`{"Width":..,"Height":..}`) set the terminal size
+//!   (TIOCSWINSZ).
 //!
 //! Where the data comes from: the Pod (GET through the agent's client, so the answer
 //! matches what the API shows), the log files, containerd (is the container still running,
@@ -580,7 +584,84 @@ struct ExecRequest {
     stdin: bool,
     stdout: bool,
     stderr: bool,
+    tty: bool,
     pid: u32,
+}
+
+/// The terminal size of a resize message (channel 4): `{"Width": .., "Height": ..}`.
+pub fn parse_resize(data: &[u8]) -> Option<(u16, u16)> {
+    let v: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let dim = |k: &str| v.get(k)?.as_u64().and_then(|n| u16::try_from(n).ok());
+    Some((dim("Width")?, dim("Height")?))
+}
+
+/// A pseudo-terminal for `kubectl exec -t`: from the container's own devpts instance
+/// (`/proc/<pid>/root/dev/pts/ptmx`, the slave opened with TIOCGPTPEER, so the command
+/// sees `/dev/pts/N` of its container as runc's terminals are), else from the host's.
+/// Returns (master, slave).
+fn open_pty(pid: u32) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::OpenOptionsExt,
+    };
+    let container = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}/root/dev/pts/ptmx"));
+    if let Ok(m) = container {
+        let master = OwnedFd::from(m);
+        let unlock: libc::c_int = 0;
+        // SAFETY: ioctls on a descriptor we own; TIOCSPTLCK reads an int, TIOCGPTPEER
+        // returns a new descriptor (checked) that we then own.
+        unsafe {
+            if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) == 0 {
+                let fd = libc::ioctl(
+                    master.as_raw_fd(),
+                    libc::TIOCGPTPEER,
+                    libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    return Ok((master, OwnedFd::from_raw_fd(fd)));
+                }
+            }
+        }
+    }
+    let (mut m, mut sl) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints (checked below); the
+    // name, termios and winsize pointers may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut sl,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created by openpty and are owned by nobody else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on descriptors we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((master, slave))
+}
+
+/// Sets the terminal size of pty `master` (TIOCSWINSZ).
+fn set_winsize(master: &std::os::fd::OwnedFd, width: u16, height: u16) {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: height,
+        ws_col: width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize struct from the given pointer.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
 async fn exec(
@@ -662,6 +743,7 @@ async fn prepare_exec(
         stdin: flag(&q, "stdin") || flag(&q, "input"),
         stdout: flag(&q, "stdout") || flag(&q, "output"),
         stderr: flag(&q, "stderr") || flag(&q, "error"),
+        tty: flag(&q, "tty"),
         pid,
     })
 }
@@ -706,10 +788,36 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
         .args(&req.cmd)
         .env_clear()
         .envs(environ_of(req.pid))
-        .stdin(pipe(req.stdin))
-        .stdout(pipe(req.stdout))
-        .stderr(pipe(req.stderr))
         .kill_on_drop(true);
+    // With a tty the command's stdin, stdout and stderr are the terminal; its output
+    // (both streams) goes out on the stdout channel.
+    let mut pty_master: Option<std::os::fd::OwnedFd> = None;
+    if req.tty {
+        let (master, slave) = match open_pty(req.pid) {
+            Ok(p) => p,
+            Err(e) => {
+                let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("cannot allocate a terminal: {e}"), "reason": "InternalError"});
+                let mut m = vec![CH_ERROR];
+                m.extend_from_slice(st.to_string().as_bytes());
+                sink.send(Message::Binary(m.into())).await?;
+                let _ = sink.send(normal_close()).await;
+                return Ok(());
+            }
+        };
+        let env_term = environ_of(req.pid).into_iter().any(|(k, _)| k == "TERM");
+        if !env_term {
+            cmd.env("TERM", "xterm");
+        }
+        cmd.stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?))
+            .stderr(Stdio::from(slave));
+        pty_master = Some(master);
+    } else {
+        cmd.stdin(pipe(req.stdin))
+            .stdout(pipe(req.stdout))
+            .stderr(pipe(req.stderr));
+    }
+    let tty = req.tty;
     // The command joins the container's cgroups too (limits apply, and the node's
     // cgroup eBPF programs, e.g. the socket load balancer, see it as the pod).
     let procs: Vec<std::ffi::CString> = container_cgroup_procs(req.pid)
@@ -718,6 +826,8 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
         .collect();
     // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on
     // memory prepared before the fork.
+    // With a tty: a new session with the terminal as its controlling tty (setsid,
+    // ioctl), both async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             for p in &procs {
@@ -727,10 +837,18 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
                     libc::close(fd);
                 }
             }
+            if tty {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+            }
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // Our copies of the terminal's slave side go with the command builder: reads of the
+    // master end (EIO) once the command and its children closed it.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("cannot run nsenter: {e}"), "reason": "InternalError"});
@@ -744,7 +862,19 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
     // Outgoing frames from the stdout/stderr readers.
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
     let mut readers = Vec::new();
+    // The terminal: its master end is read (stdout channel) and written (stdin).
+    let mut pty_in: Option<tokio::fs::File> = None;
+    let mut pty_out: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = None;
+    if let Some(m) = &pty_master {
+        let r = std::fs::File::from(m.try_clone()?);
+        let w = std::fs::File::from(m.try_clone()?);
+        pty_out = Some(Box::new(tokio::fs::File::from_std(r)));
+        if req.stdin {
+            pty_in = Some(tokio::fs::File::from_std(w));
+        }
+    }
     for (ch, r) in [
+        (CH_STDOUT, pty_out),
         (
             CH_STDOUT,
             child
@@ -766,6 +896,7 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
             let mut buf = vec![0u8; 32 * 1024];
             loop {
                 match r.read(&mut buf).await {
+                    // EIO on a pty master: the terminal's other side is closed.
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         let mut m = Vec::with_capacity(n + 1);
@@ -781,7 +912,13 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
     }
     drop(out_tx);
     // Incoming frames: stdin, resize, close.
-    let mut stdin = child.stdin.take();
+    let mut stdin: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> = match pty_in {
+        Some(w) => Some(Box::new(w)),
+        None => child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>),
+    };
     let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<()>();
     let input = tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
@@ -794,13 +931,17 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
             match data.first() {
                 Some(&CH_STDIN) => {
                     if let Some(w) = stdin.as_mut()
-                        && w.write_all(&data[1..]).await.is_err()
+                        && (w.write_all(&data[1..]).await.is_err() || w.flush().await.is_err())
                     {
                         stdin = None;
                     }
                 }
                 Some(&CH_CLOSE) if v5 && data.get(1) == Some(&CH_STDIN) => stdin = None,
-                Some(&CH_RESIZE) => {}
+                Some(&CH_RESIZE) => {
+                    if let (Some(m), Some((w, h))) = (&pty_master, parse_resize(&data[1..])) {
+                        set_winsize(m, w, h);
+                    }
+                }
                 _ => {}
             }
         }
@@ -962,6 +1103,12 @@ mod tests {
             ]
         );
         assert_eq!(exit_status(&[], Some(0))["status"], "Success");
+        assert_eq!(
+            parse_resize(br#"{"Width":111,"Height":33}"#),
+            Some((111, 33))
+        );
+        assert_eq!(parse_resize(br#"{"Width":-1,"Height":33}"#), None);
+        assert_eq!(parse_resize(b"nope"), None);
         assert_eq!(
             exit_status(&["sh".into()], Some(3))["details"]["causes"][0]["message"],
             "3"
