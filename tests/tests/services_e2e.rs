@@ -38,19 +38,44 @@ fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
 
 /// The pod names that answered `count` TCP requests to `addr` from `client`.
 fn tcp_backends(c: &Cluster, client: &str, addr: &str, count: usize) -> Vec<String> {
+    tcp_answers(c, client, addr, count).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`tcp_backends`], or why not.
+fn tcp_answers(c: &Cluster, client: &str, addr: &str, count: usize) -> Result<Vec<String>, String> {
     let n = count.to_string();
-    let out = exec(c, client, &["/echo", "tcp", addr, "/lb", &n])
-        .unwrap_or_else(|e| panic!("{client} -> {addr}: {e}"));
+    let out = exec(
+        c,
+        client,
+        &["timeout", "20", "/echo", "tcp", addr, "/lb", &n],
+    )
+    .map_err(|e| format!("{client} -> {addr}: {e}"))?;
     let names: Vec<String> = out
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(String::from))
         .collect();
-    assert_eq!(names.len(), count, "{client} -> {addr}: {out}");
+    if names.len() != count {
+        return Err(format!("{client} -> {addr}: {out}"));
+    }
     // getpeername shows the service address, not the backend's.
     for l in out.lines() {
         assert!(l.ends_with(&format!("peer {addr}")), "peer is the VIP: {l}");
     }
-    names
+    Ok(names)
+}
+
+/// A connection from `client` to `addr` fails at once (not by a timeout); the error.
+fn refused_from_pod(c: &Cluster, client: &str, addr: &str) -> Option<String> {
+    let t = Instant::now();
+    let r = exec(c, client, &["timeout", "5", "/echo", "tcp", addr, "/", "1"]);
+    assert!(
+        r.is_err(),
+        "{client} -> {addr}: an endpoint-less service answered: {r:?}"
+    );
+    let took = t.elapsed();
+    let err = r.err().unwrap_or_default();
+    // The exec round trip is in `took` too; a dropped SYN would take seconds.
+    (took < Duration::from_secs(2)).then_some(err)
 }
 
 /// `GET /np` to `addr` from the test host; the answering pod's name.
@@ -120,16 +145,49 @@ enum Mode {
 
 fn services_end_to_end(mode: Mode) {
     let ebpf = mode == Mode::Ebpf;
+    let started = Instant::now();
+    let phase = |what: &str| {
+        eprintln!(
+            "[services_e2e {mode:?}] {:6.1} s  {what}",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let tag = std::process::id() % 10000;
     let (name, octet, args): (String, u8, &[&str]) = match mode {
         Mode::Ebpf => (format!("sv{tag}"), 95, &[]),
         Mode::Iptables => (format!("si{tag}"), 97, &["--proxy-mode", "iptables"]),
     };
     let mut net = NetCluster::start_with(&name, octet, 2, args);
+    // Real nodes have a default route, so a packet for a ClusterIP without DNAT is
+    // forwarded (through the filter table's REJECT) instead of failing the route lookup.
+    // Here it leads into a veth whose peer (in the node's namespace too) stays down:
+    // whatever is routed there is dropped, nothing leaves the namespace.
+    for n in &net.nodes {
+        for cmd in [
+            &[
+                "link",
+                "add",
+                "skdefault",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "skdefault-p",
+            ][..],
+            &["link", "set", "skdefault", "up"],
+            &["route", "add", "default", "dev", "skdefault"],
+        ] {
+            let mut ip = net.topo.0.node_command(n, "ip");
+            ip.args(cmd);
+            let o = run_bounded(ip, None, Duration::from_secs(10));
+            assert!(o.status.success(), "ip {cmd:?} in {n}: {o:?}");
+        }
+    }
     let image = push_echo_image(&net);
     let c = net.c.clone();
     let (n1, n2) = (net.nodes[0].clone(), net.nodes[1].clone());
 
+    phase("cluster up; the workload");
     // --- the workload, the way a user makes it.
     c.kubectl(&[
         "create",
@@ -210,6 +268,7 @@ fn services_end_to_end(mode: Mode) {
     let uip = c.kubectl(&["get", "svc", "echo-udp", "-o", "jsonpath={.spec.clusterIP}"]);
     let uvip = format!("{}:53", uip.trim());
 
+    phase("every client reaches every backend through the ClusterIP");
     // --- every client reaches every backend through the ClusterIP.
     for client in ["client-1", "client-2"] {
         let seen = eventually(
@@ -238,6 +297,7 @@ fn services_end_to_end(mode: Mode) {
         );
     }
 
+    phase("UDP");
     // --- UDP: replies come back from the service address.
     let out = exec(&c, "client-1", &["/echo", "udp", &uvip, "ping", "12"]).expect("udp");
     let mut udp_seen = BTreeSet::new();
@@ -255,6 +315,7 @@ fn services_end_to_end(mode: Mode) {
         "UDP spread: {udp_seen:?}"
     );
 
+    phase("a readiness failure takes a backend out");
     // --- a readiness failure takes a backend out; it is never chosen while unready.
     let victim = backends.iter().next().unwrap().clone();
     exec(&c, &victim, &["touch", "/tmp/unready"]).expect("fail readiness");
@@ -289,6 +350,7 @@ fn services_end_to_end(mode: Mode) {
         },
     );
 
+    phase("sessionAffinity ClientIP");
     // --- sessionAffinity ClientIP: a client sticks to one backend.
     c.kubectl(&[
         "patch",
@@ -309,6 +371,7 @@ fn services_end_to_end(mode: Mode) {
         r#"{"spec":{"sessionAffinity":"None"}}"#,
     ]);
 
+    phase("NodePort on every node IP, from the test host");
     // --- NodePort on every node IP, from the test host (outside every node). Node 1 has
     // local and remote backends, so both DNAT paths (and SNAT for remote) run.
     c.kubectl(&[
@@ -342,6 +405,24 @@ fn services_end_to_end(mode: Mode) {
         assert!(lb_stat(&n1, LbStat::NodePortForward) > forwards);
         assert!(lb_stat(&n1, LbStat::NodePortReply) > 0);
     }
+    phase("pods -> NodePort on both node IPs");
+    // A pod on node 1 reaches the nodePort on the other node's IP and on its own, and
+    // (externalTrafficPolicy Cluster) every backend answers there.
+    for n in [&n2, &n1] {
+        let addr = format!("{}:{}", net.node_ips[n], np.trim());
+        eventually(
+            &format!("client-1 -> NodePort {addr} reaches every backend"),
+            Duration::from_secs(30),
+            || {
+                let names: BTreeSet<String> = tcp_answers(&c, "client-1", &addr, 30)
+                    .map_err(|e| eprintln!("{e}"))
+                    .ok()?
+                    .into_iter()
+                    .collect();
+                (names == backends).then_some(())
+            },
+        );
+    }
     // externalTrafficPolicy Local: only the node's own backends answer.
     c.kubectl(&[
         "patch",
@@ -374,6 +455,23 @@ fn services_end_to_end(mode: Mode) {
                 let names: BTreeSet<String> =
                     (0..20).filter_map(|_| host_get(&addr).ok()).collect();
                 (names == local).then_some(())
+            },
+        );
+    }
+    // Pods are no outside clients: at their own node's IP they get every endpoint, as
+    // kube-proxy's "pod traffic for external destinations" short-circuit gives them.
+    for (client, n) in [("client-1", &n1), ("client-2", &n2)] {
+        let addr = format!("{}:{}", net.node_ips[n], np.trim());
+        eventually(
+            &format!("{client} -> NodePort {addr} with Local policy: every backend"),
+            Duration::from_secs(30),
+            || {
+                let names: BTreeSet<String> = tcp_answers(&c, client, &addr, 30)
+                    .map_err(|e| eprintln!("{e}"))
+                    .ok()?
+                    .into_iter()
+                    .collect();
+                (names == backends).then_some(())
             },
         );
     }
@@ -411,6 +509,35 @@ fn services_end_to_end(mode: Mode) {
             (names == backends).then_some(())
         },
     );
+    // A pod going to the LoadBalancer IP of a Service with externalTrafficPolicy Local
+    // still gets every endpoint (eBPF: the pods-only twin; iptables: the EXT chain's
+    // pod short-circuit).
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
+    ]);
+    eventually(
+        &format!("client-2 -> LoadBalancer {lb_addr} with Local policy: every backend"),
+        Duration::from_secs(30),
+        || {
+            let names: BTreeSet<String> = tcp_answers(&c, "client-2", &lb_addr, 30)
+                .map_err(|e| eprintln!("{e}"))
+                .ok()?
+                .into_iter()
+                .collect();
+            (names == backends).then_some(())
+        },
+    );
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "echo",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
+    ]);
     c.kubectl(&[
         "patch",
         "svc",
@@ -419,6 +546,7 @@ fn services_end_to_end(mode: Mode) {
         r#"{"spec":{"type":"ClusterIP"}}"#,
     ]);
 
+    phase("scale down");
     // --- scale down: the removed backends are never chosen again.
     c.kubectl(&["scale", "deployment", "echo", "--replicas", "1"]);
     let left = eventually("one echo pod left", Duration::from_secs(60), || {
@@ -440,47 +568,100 @@ fn services_end_to_end(mode: Mode) {
         assert_eq!(names, left, "{client} chose a removed backend");
     }
 
-    // --- a Service without endpoints: refused at once, counted as "no backend".
+    phase("a Service without endpoints");
+    // --- a Service without endpoints (its selector matches no pod): refused at once,
+    // from pods (ClusterIP, a nodePort on either node's IP) and from outside (nodePort),
+    // counted as "no backend" by eBPF. eBPF refuses pods' connect() (EPERM), iptables
+    // REJECTs (ICMP port unreachable: ECONNREFUSED); a nodePort from outside is refused by
+    // the node's stack (eBPF) or REJECTed (iptables).
     c.kubectl(&[
-        "create",
-        "service",
-        "clusterip",
-        "nothing",
-        "--tcp",
-        "80:8080",
+        "create", "service", "nodeport", "nothing", "--tcp", "80:8080",
     ]);
-    // eBPF: the connect is refused (EPERM) and counted; iptables: no DNAT, so the VIP has
-    // no route in this topology and the connect fails at once too.
     let nip = c.kubectl(&["get", "svc", "nothing", "-o", "jsonpath={.spec.clusterIP}"]);
+    let nnp = c.kubectl(&[
+        "get",
+        "svc",
+        "nothing",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
     let naddr = format!("{}:80", nip.trim());
+    let node_addrs: Vec<String> = [&n1, &n2]
+        .iter()
+        .map(|n| format!("{}:{}", net.node_ips[*n], nnp.trim()))
+        .collect();
     let before = if ebpf {
         lb_stat(&n1, LbStat::NoBackend)
     } else {
         0
     };
-    eventually(
-        "the empty service fails at once",
-        Duration::from_secs(30),
-        || {
-            let t = Instant::now();
-            let r = exec(&c, "client-1", &["/echo", "tcp", &naddr, "/", "1"]);
-            assert!(r.is_err(), "an endpoint-less service answered: {r:?}");
-            let err = r.err().unwrap_or_default();
-            let expected = if ebpf {
-                err.contains("not permitted")
-            } else {
-                err.contains("unreachable") || err.contains("refused")
-            };
-            (expected && t.elapsed() < Duration::from_secs(5)).then_some(())
-        },
-    );
+    let pod_error = if ebpf { "not permitted" } else { "refused" };
+    for addr in std::iter::once(&naddr).chain(&node_addrs) {
+        eventually(
+            &format!("client-1 -> the empty service at {addr} fails at once"),
+            Duration::from_secs(30),
+            || refused_from_pod(&c, "client-1", addr).filter(|e| e.contains(pod_error)),
+        );
+    }
+    for addr in &node_addrs {
+        eventually(
+            &format!("the test host -> the empty service at {addr} is refused at once"),
+            Duration::from_secs(30),
+            || {
+                let t = Instant::now();
+                let r = host_get(addr);
+                assert!(r.is_err(), "an endpoint-less service answered: {r:?}");
+                let err = r.err().unwrap_or_default();
+                (err.contains("refused") && t.elapsed() < Duration::from_secs(1)).then_some(())
+            },
+        );
+    }
     if ebpf {
         assert!(
             lb_stat(&n1, LbStat::NoBackend) > before,
             "no-backend drops are counted"
         );
     }
+    let reject_rules = |n: &str| -> usize {
+        let o = run_bounded(
+            net.topo.0.node_command(n, "iptables-save"),
+            None,
+            Duration::from_secs(20),
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("default/nothing has no endpoints") && l.contains("REJECT"))
+            .count()
+    };
+    if !ebpf {
+        // The ClusterIP (KUBE-SERVICES) and the nodePort (KUBE-EXTERNAL-SERVICES).
+        assert_eq!(reject_rules(&n1), 2, "kube-proxy's REJECT rules on {n1}");
+    }
+    // An endpoint appears (client-2 gets the selected label): the refusals are gone.
+    c.kubectl(&["label", "pod", "client-2", "app=nothing"]);
+    for addr in std::iter::once(&naddr).chain(&node_addrs) {
+        eventually(
+            &format!("client-1 -> {addr} answers once the service has an endpoint"),
+            Duration::from_secs(30),
+            || {
+                let names = tcp_answers(&c, "client-1", addr, 2)
+                    .map_err(|e| eprintln!("{e}"))
+                    .ok()?;
+                names.iter().all(|n| n == "client-2").then_some(())
+            },
+        );
+    }
+    let from_host = eventually(
+        "the test host -> the former empty service answers",
+        Duration::from_secs(30),
+        || host_get(&node_addrs[0]).ok(),
+    );
+    assert_eq!(from_host, "client-2");
+    if !ebpf {
+        assert_eq!(reject_rules(&n1), 0, "REJECT rules left on {n1}");
+    }
 
+    phase("a Service without a selector, with a manual EndpointSlice");
     // --- a Service without a selector, with a manual EndpointSlice.
     let pod_ip = c.kubectl(&[
         "get",
@@ -526,6 +707,7 @@ endpoints:
         },
     );
 
+    phase("SCTP is skipped with an Event");
     // --- SCTP is skipped with an Event; the agent keeps going.
     c.apply(
         r#"apiVersion: v1
@@ -552,6 +734,7 @@ spec:
         },
     );
 
+    phase("agent restart in the middle of a long TCP connection through the ClusterIP");
     // --- agent restart in the middle of a long TCP connection through the ClusterIP.
     c.kubectl(&["scale", "deployment", "echo", "--replicas", "2"]);
     eventually("2 echo pods Ready", Duration::from_secs(60), || {
@@ -610,6 +793,7 @@ spec:
                 m
             });
     assert!(!after.is_empty());
+    phase("done");
     c.kubectl(&["delete", "deployment", "echo", "--wait=true"]);
     c.kubectl(&[
         "delete",

@@ -247,24 +247,46 @@ pub const MAX_AFFINITY: u32 = 65_536;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// A service frontend (VIP, port, protocol) and a slot: 0 is the service itself,
+/// A service frontend (VIP, port, protocol, scope) and a slot: 0 is the service itself,
 /// 1..=count its backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
-    /// Packet byte order (see [`ipv4_key`]).
+    /// Packet byte order (see [`ipv4_key`]); 0.0.0.0 in the NodePort wildcard.
     pub addr: u32,
     /// Network byte order, as `bpf_sock_addr.user_port` carries it.
     pub port: u16,
     pub proto: u8,
-    pub _pad0: u8,
+    /// [`SCOPE_ALL`] or [`SCOPE_PODS`].
+    pub scope: u8,
     pub slot: u16,
     pub _pad1: u16,
 }
 
+/// An entry for every client: pods' sockets and packets arriving at the node (ClusterIPs,
+/// LoadBalancer IPs, the node's own IP at a nodePort). The only scope the per-packet
+/// program looks up.
+pub const SCOPE_ALL: u8 = 0;
+/// An entry only the socket load balancer (pods) uses, where pods must see other backends
+/// than outside clients (Cilium's "internal scope"). Kubernetes sends pod traffic to
+/// "external" destinations (nodePorts, LoadBalancer IPs) with Cluster semantics, whatever
+/// the externalTrafficPolicy:
+/// - NodePort wildcard: `addr` 0.0.0.0 at the nodePort, used when a pod connects to any
+///   address in [`NODE_IPS_MAP`] (its own node's or another node's);
+/// - the twin of a LoadBalancer IP whose Service has externalTrafficPolicy Local (the
+///   [`SCOPE_ALL`] entry carries [`SVC_FLAG_LOCAL`], which says to look for it).
+pub const SCOPE_PODS: u8 = 1;
+
+/// Every node's addresses (InternalIP, ExternalIP) in packet byte order -> 1 (reserved).
+/// A `HashMap` the proxy fills from Node objects.
+pub const NODE_IPS_MAP: &str = "SKIFF_NODE_IPS";
+/// Capacity of [`NODE_IPS_MAP`].
+pub const MAX_NODE_IPS: u32 = 16_384;
+
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(offset_of!(ServiceKey, port) == 4);
 const _: () = assert!(offset_of!(ServiceKey, proto) == 6);
+const _: () = assert!(offset_of!(ServiceKey, scope) == 7);
 const _: () = assert!(offset_of!(ServiceKey, slot) == 8);
 
 /// Flags of a service's master entry.

@@ -6,6 +6,10 @@
 //! comes back here. Replies are translated back by [`reply`], called from the pod veth
 //! (local backends) and the VXLAN device (remote backends), and leave through the node's
 //! interface with `bpf_redirect_neigh` (5.10).
+//!
+//! Only [`SCOPE_ALL`] entries apply here: the pods-only ones (the NodePort wildcard,
+//! Cluster-semantics twins) are for the socket programs (see service_lb.rs). A frontend
+//! at the node's IP without any endpoint is handed to the stack, which refuses it.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -16,7 +20,7 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::{
     CT_FLAG_REPLY, CT_FLAG_SNAT, CtEntry, CtKey, DatapathStat, LbStat, MAX_CT, NodeConfig,
-    PROTO_TCP, PROTO_UDP, SVC_FLAG_LOCAL, ServiceKey,
+    PROTO_TCP, PROTO_UDP, SCOPE_ALL, SVC_FLAG_LOCAL, ServiceKey,
 };
 
 use crate::{
@@ -151,7 +155,17 @@ pub(crate) fn reply(ctx: &mut TcContext, t: &Tuple) -> Option<i32> {
     let t = *t;
     let ok = rewrite(ctx, &t, IP_SRC, t.saddr, e.addr, t.l4, t.sport, e.port).is_ok()
         && (e.flags & CT_FLAG_SNAT == 0
-            || rewrite(ctx, &t, IP_DST, t.daddr, e.peer, t.l4 + 2, t.dport, e.peer_port).is_ok());
+            || rewrite(
+                ctx,
+                &t,
+                IP_DST,
+                t.daddr,
+                e.peer,
+                t.l4 + 2,
+                t.dport,
+                e.peer_port,
+            )
+            .is_ok());
     if !ok {
         return Some(TC_ACT_SHOT);
     }
@@ -169,7 +183,7 @@ pub fn skiff_node_ingress(mut ctx: TcContext) -> i32 {
         addr: t.daddr,
         port: t.dport,
         proto: t.proto,
-        _pad0: 0,
+        scope: SCOPE_ALL,
         slot: 0,
         _pad1: 0,
     };
@@ -188,6 +202,14 @@ pub fn skiff_node_ingress(mut ctx: TcContext) -> i32 {
         _ => {
             if svc.count == 0 {
                 count(LbStat::NoBackend);
+                // No endpoints at all, at the node's own address: the node's stack, which
+                // has no socket there, refuses at once (TCP RST, ICMP port unreachable),
+                // as kube-proxy's REJECT does. A LoadBalancer IP is no address of this
+                // node, and externalTrafficPolicy Local without local endpoints is a
+                // drop for kube-proxy too.
+                if t.daddr == node.node_ip && svc.flags & SVC_FLAG_LOCAL == 0 {
+                    return TC_ACT_OK;
+                }
                 return TC_ACT_SHOT;
             }
             // SAFETY: plain helper call.
@@ -244,8 +266,29 @@ pub fn skiff_node_ingress(mut ctx: TcContext) -> i32 {
             (b.addr, b.port, snat)
         }
     };
-    if rewrite(&mut ctx, &t, IP_DST, t.daddr, baddr, t.l4 + 2, t.dport, bport).is_err()
-        || (snat && rewrite(&mut ctx, &t, IP_SRC, t.saddr, node.node_ip, t.l4, t.sport, t.sport).is_err())
+    if rewrite(
+        &mut ctx,
+        &t,
+        IP_DST,
+        t.daddr,
+        baddr,
+        t.l4 + 2,
+        t.dport,
+        bport,
+    )
+    .is_err()
+        || (snat
+            && rewrite(
+                &mut ctx,
+                &t,
+                IP_SRC,
+                t.saddr,
+                node.node_ip,
+                t.l4,
+                t.sport,
+                t.sport,
+            )
+            .is_err())
     {
         return TC_ACT_SHOT;
     }

@@ -11,20 +11,33 @@
 //! - `skiff_recvmsg4` (UDP replies) and `skiff_getpeername4`: show the frontend address
 //!   instead of the backend's, so replies appear to come from the VIP.
 //!
+//! NodePorts from pods: a pod may connect to any node's IP at a nodePort (its own, or
+//! another node's, which the tunnel would carry to that node untranslated, past the
+//! per-packet program on its interface). As Cilium does, the destination is checked
+//! against every node's addresses (`SKIFF_NODE_IPS`, filled from Node objects) and then
+//! looked up as the wildcard frontend 0.0.0.0:nodePort ([`SCOPE_PODS`]). Why not one
+//! frontend per node IP and nodePort: that is nodes x nodePorts entries (a million for
+//! 1000 nodes and 1000 NodePort Services) and every node joining or leaving would
+//! rewrite every NodePort Service; the wildcard is one entry per nodePort, and a node
+//! change is one write to the address map. The wildcard has every ready backend
+//! (Cluster semantics): kube-proxy gives pod traffic to "external" destinations that
+//! whatever the externalTrafficPolicy. A LoadBalancer IP of a Service with policy Local
+//! has a [`SCOPE_PODS`] twin for the same reason.
+//!
 //! Kernel 5.10: cgroup sock_addr hooks (recvmsg4 4.21, getpeername4 5.8), socket and
 //! netns cookies (5.7), LRU hash maps.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
-    EbpfContext,
 };
 use skiff_ebpf_common::{
-    AffinityKey, AffinityValue, Backend, LbStat, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REV_NAT, PacketCounter, SVC_FLAG_AFFINITY, ServiceEntry,
-    ServiceKey, SockRevNat, SockRevNatKey,
+    AffinityKey, AffinityValue, Backend, LbStat, MAX_AFFINITY, MAX_BACKENDS, MAX_NODE_IPS,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REV_NAT, PacketCounter, SCOPE_ALL, SCOPE_PODS, SVC_FLAG_AFFINITY,
+    SVC_FLAG_LOCAL, ServiceEntry, ServiceKey, SockRevNat, SockRevNatKey,
 };
 
 #[map]
@@ -35,12 +48,14 @@ pub(crate) static SKIFF_SERVICES: HashMap<ServiceKey, ServiceEntry> =
 pub(crate) static SKIFF_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
 
 #[map]
+static SKIFF_NODE_IPS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_IPS, 0);
+
+#[map]
 static SKIFF_SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNat> =
     LruHashMap::pinned(MAX_SOCK_REV_NAT, 0);
 
 #[map]
-static SKIFF_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(MAX_AFFINITY, 0);
+static SKIFF_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 #[map]
 static SKIFF_LB_STATS: PerCpuArray<PacketCounter> = PerCpuArray::pinned(LbStat::COUNT, 0);
@@ -59,12 +74,20 @@ pub(crate) fn count(stat: LbStat) {
 
 /// Picks the backend for `frontend` (its master entry `svc`), honouring affinity.
 #[inline(always)]
-fn pick(ctx: &SockAddrContext, frontend: &ServiceKey, svc: &ServiceEntry) -> Option<(u32, Backend)> {
+fn pick(
+    ctx: &SockAddrContext,
+    frontend: &ServiceKey,
+    svc: &ServiceEntry,
+) -> Option<(u32, Backend)> {
     let now = unsafe { bpf_ktime_get_ns() };
     let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
     let akey = AffinityKey {
         // SAFETY: plain helper call on the program's context.
-        client: if affinity { unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } } else { 0 },
+        client: if affinity {
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+        } else {
+            0
+        },
         rev_nat_id: svc.rev_nat_id,
         _pad: 0,
     };
@@ -79,7 +102,11 @@ fn pick(ctx: &SockAddrContext, frontend: &ServiceKey, svc: &ServiceEntry) -> Opt
                     let b = *b;
                     let _ = SKIFF_AFFINITY.insert(
                         &akey,
-                        &AffinityValue { last_used_ns: now, backend_id: prev.backend_id, _pad: 0 },
+                        &AffinityValue {
+                            last_used_ns: now,
+                            backend_id: prev.backend_id,
+                            _pad: 0,
+                        },
                         0,
                     );
                     return Some((prev.backend_id, b));
@@ -97,11 +124,58 @@ fn pick(ctx: &SockAddrContext, frontend: &ServiceKey, svc: &ServiceEntry) -> Opt
     if affinity {
         let _ = SKIFF_AFFINITY.insert(
             &akey,
-            &AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 },
+            &AffinityValue {
+                last_used_ns: now,
+                backend_id: id,
+                _pad: 0,
+            },
             0,
         );
     }
     Some((id, b))
+}
+
+/// The frontend a pod's destination stands for (see the module doc): the NodePort
+/// wildcard for node addresses, else the address itself, or its pods-only twin when the
+/// entry says externalTrafficPolicy Local.
+#[inline(always)]
+fn lookup(addr: u32, port: u16, proto: u8) -> Option<(ServiceKey, ServiceEntry)> {
+    // SAFETY: only tested for presence.
+    if unsafe { SKIFF_NODE_IPS.get(&addr) }.is_some() {
+        let wild = ServiceKey {
+            addr: 0,
+            port,
+            proto,
+            scope: SCOPE_PODS,
+            slot: 0,
+            _pad1: 0,
+        };
+        // SAFETY: copied at once.
+        if let Some(svc) = unsafe { SKIFF_SERVICES.get(&wild) }.copied() {
+            return Some((wild, svc));
+        }
+    }
+    let key = ServiceKey {
+        addr,
+        port,
+        proto,
+        scope: SCOPE_ALL,
+        slot: 0,
+        _pad1: 0,
+    };
+    // SAFETY: copied at once.
+    let svc = unsafe { SKIFF_SERVICES.get(&key) }.copied()?;
+    if svc.flags & SVC_FLAG_LOCAL != 0 {
+        let twin = ServiceKey {
+            scope: SCOPE_PODS,
+            ..key
+        };
+        // SAFETY: copied at once.
+        if let Some(t) = unsafe { SKIFF_SERVICES.get(&twin) }.copied() {
+            return Some((twin, t));
+        }
+    }
+    Some((key, svc))
 }
 
 /// connect4/sendmsg4: frontend -> backend.
@@ -109,16 +183,8 @@ fn pick(ctx: &SockAddrContext, frontend: &ServiceKey, svc: &ServiceEntry) -> Opt
 fn translate(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let frontend = ServiceKey {
-        addr: sa.user_ip4,
-        port: sa.user_port as u16,
-        proto: sa.protocol as u8,
-        _pad0: 0,
-        slot: 0,
-        _pad1: 0,
-    };
-    // SAFETY: copied at once.
-    let Some(svc) = (unsafe { SKIFF_SERVICES.get(&frontend) }).copied() else {
+    let (addr, port) = (sa.user_ip4, sa.user_port as u16);
+    let Some((frontend, svc)) = lookup(addr, port, sa.protocol as u8) else {
         return ALLOW;
     };
     if svc.count == 0 {
@@ -133,11 +199,17 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     sa.user_port = u32::from(backend.port);
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The address the socket asked for (not the wildcard's 0.0.0.0).
     let _ = SKIFF_SOCK_REV_NAT.insert(
-        &SockRevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: 0 },
+        &SockRevNatKey {
+            cookie,
+            addr: backend.addr,
+            port: backend.port,
+            _pad: 0,
+        },
         &SockRevNat {
-            addr: frontend.addr,
-            port: frontend.port,
+            addr,
+            port,
             _pad: 0,
             rev_nat_id: svc.rev_nat_id,
         },
@@ -154,7 +226,12 @@ fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     // SAFETY: plain helper call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey { cookie, addr: sa.user_ip4, port: sa.user_port as u16, _pad: 0 };
+    let key = SockRevNatKey {
+        cookie,
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        _pad: 0,
+    };
     // SAFETY: copied at once.
     if let Some(f) = (unsafe { SKIFF_SOCK_REV_NAT.get(&key) }).copied() {
         sa.user_ip4 = f.addr;

@@ -9,17 +9,17 @@
 //! every entry until the first full sync says which ones are gone.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::Ipv4Addr,
 };
 
 use aya::maps::{HashMap, MapData};
 use skiff_ebpf_common::{
-    BACKENDS_MAP, Backend, SERVICES_MAP, SVC_FLAG_AFFINITY, SVC_FLAG_LOCAL, ServiceEntry,
-    ServiceKey, ipv4_key,
+    BACKENDS_MAP, Backend, NODE_IPS_MAP, SCOPE_ALL, SCOPE_PODS, SERVICES_MAP, SVC_FLAG_AFFINITY,
+    SVC_FLAG_LOCAL, ServiceEntry, ServiceKey, ipv4_key,
 };
 
-use super::model::{BackendAddr, DesiredFrontend, Frontend};
+use super::model::{BackendAddr, DesiredFrontend, Frontend, FrontendKey, Scope};
 use crate::ebpf::EbpfError;
 
 fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> EbpfError + '_ {
@@ -29,22 +29,39 @@ fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> EbpfError + '_ {
     }
 }
 
+/// The map key of `f` (scope [`Scope::All`]) at `slot`.
 pub fn frontend_key(f: &Frontend, slot: u16) -> ServiceKey {
+    service_key(&FrontendKey::all(*f), slot)
+}
+
+/// The map key of `k` at `slot`.
+pub fn service_key(k: &FrontendKey, slot: u16) -> ServiceKey {
+    let f = &k.frontend;
     ServiceKey {
         addr: ipv4_key(f.addr.octets()),
         port: f.port.to_be(),
         proto: f.proto,
-        _pad0: 0,
+        scope: match k.scope {
+            Scope::All => SCOPE_ALL,
+            Scope::Pods => SCOPE_PODS,
+        },
         slot,
         _pad1: 0,
     }
 }
 
-fn frontend_of(k: &ServiceKey) -> Frontend {
-    Frontend {
-        addr: Ipv4Addr::from(k.addr.to_ne_bytes()),
-        port: u16::from_be(k.port),
-        proto: k.proto,
+fn frontend_of(k: &ServiceKey) -> FrontendKey {
+    FrontendKey {
+        frontend: Frontend {
+            addr: Ipv4Addr::from(k.addr.to_ne_bytes()),
+            port: u16::from_be(k.port),
+            proto: k.proto,
+        },
+        scope: if k.scope == SCOPE_ALL {
+            Scope::All
+        } else {
+            Scope::Pods
+        },
     }
 }
 
@@ -76,7 +93,9 @@ struct Applied {
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceEntry>,
     backends: HashMap<MapData, u32, Backend>,
-    applied: BTreeMap<Frontend, Applied>,
+    /// Every node's addresses (the socket programs' NodePort wildcard applies to them).
+    node_ips: HashMap<MapData, u32, u32>,
+    applied: BTreeMap<FrontendKey, Applied>,
     /// backend -> (id, number of slots using it)
     backend_ids: StdHashMap<BackendAddr, (u32, usize)>,
     /// id -> backend (the reverse of `backend_ids`)
@@ -100,9 +119,12 @@ impl ServiceMaps {
             HashMap::try_from(take(ebpf, SERVICES_MAP)?).map_err(map_err(SERVICES_MAP))?;
         let backends: HashMap<MapData, u32, Backend> =
             HashMap::try_from(take(ebpf, BACKENDS_MAP)?).map_err(map_err(BACKENDS_MAP))?;
+        let node_ips: HashMap<MapData, u32, u32> =
+            HashMap::try_from(take(ebpf, NODE_IPS_MAP)?).map_err(map_err(NODE_IPS_MAP))?;
         let mut me = ServiceMaps {
             services,
             backends,
+            node_ips,
             applied: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
             backend_addrs: StdHashMap::new(),
@@ -122,7 +144,7 @@ impl ServiceMaps {
             .map(|(id, b)| (id, backend_addr(&b)))
             .collect();
         let entries: Vec<(ServiceKey, ServiceEntry)> = self.services.iter().flatten().collect();
-        let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
+        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
         for (k, v) in &entries {
             let f = frontend_of(k);
             if k.slot == 0 {
@@ -161,12 +183,12 @@ impl ServiceMaps {
     }
 
     /// Frontends in the maps.
-    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+    pub fn frontends(&self) -> impl Iterator<Item = &FrontendKey> {
         self.applied.keys()
     }
 
     /// The backends a frontend currently has in the maps.
-    pub fn backends_of(&self, f: &Frontend) -> Vec<BackendAddr> {
+    pub fn backends_of(&self, f: &FrontendKey) -> Vec<BackendAddr> {
         self.applied
             .get(f)
             .map(|a| {
@@ -211,7 +233,7 @@ impl ServiceMaps {
     }
 
     /// Makes `f`'s entries equal to `want`.
-    pub fn apply(&mut self, f: &Frontend, want: &DesiredFrontend) -> Result<(), EbpfError> {
+    pub fn apply(&mut self, f: &FrontendKey, want: &DesiredFrontend) -> Result<(), EbpfError> {
         let old = self.applied.get(f).cloned();
         // Ids for the wanted backends (new backends are written now).
         let mut ids = Vec::with_capacity(want.backends.len());
@@ -260,14 +282,14 @@ impl ServiceMaps {
                         ..Default::default()
                     };
                     self.services
-                        .insert(frontend_key(f, i as u16 + 1), entry, 0)
+                        .insert(service_key(f, i as u16 + 1), entry, 0)
                         .map_err(map_err(SERVICES_MAP))?;
                     self.ops += 1;
                 }
             }
             if old.as_ref().map(|o| o.master) != Some(master) {
                 self.services
-                    .insert(frontend_key(f, 0), master, 0)
+                    .insert(service_key(f, 0), master, 0)
                     .map_err(map_err(SERVICES_MAP))?;
                 self.ops += 1;
             }
@@ -282,7 +304,7 @@ impl ServiceMaps {
             return Err(e);
         }
         for slot in ids.len()..old_ids.len() {
-            let _ = self.services.remove(&frontend_key(f, slot as u16 + 1));
+            let _ = self.services.remove(&service_key(f, slot as u16 + 1));
             self.ops += 1;
         }
         for id in old_ids {
@@ -300,18 +322,37 @@ impl ServiceMaps {
 
     /// Removes `f`: master entry first (clients stop choosing it), then slots and
     /// backends nobody uses any more.
-    pub fn remove(&mut self, f: &Frontend) {
+    pub fn remove(&mut self, f: &FrontendKey) {
         let Some(old) = self.applied.remove(f) else {
             return;
         };
-        let _ = self.services.remove(&frontend_key(f, 0));
+        let _ = self.services.remove(&service_key(f, 0));
         self.ops += 1;
         for slot in 1..=old.backend_ids.len() {
-            let _ = self.services.remove(&frontend_key(f, slot as u16));
+            let _ = self.services.remove(&service_key(f, slot as u16));
             self.ops += 1;
         }
         for id in old.backend_ids {
             self.release_backend(id);
         }
+    }
+
+    /// Makes the node address map hold exactly `ips`; returns the number of changes.
+    pub fn set_node_ips(&mut self, ips: &BTreeSet<Ipv4Addr>) -> Result<usize, EbpfError> {
+        let want: BTreeSet<u32> = ips.iter().map(|ip| ipv4_key(ip.octets())).collect();
+        let have: BTreeSet<u32> = self.node_ips.keys().flatten().collect();
+        let mut ops = 0;
+        for k in want.difference(&have) {
+            self.node_ips
+                .insert(k, 1, 0)
+                .map_err(map_err(NODE_IPS_MAP))?;
+            ops += 1;
+        }
+        for k in have.difference(&want) {
+            let _ = self.node_ips.remove(k);
+            ops += 1;
+        }
+        self.ops += ops as u64;
+        Ok(ops)
     }
 }

@@ -2,6 +2,19 @@
 //! Service and its EndpointSlices to frontends and backends, with Kubernetes' rules
 //! (ready endpoints only, named target ports, internalTrafficPolicy Local, sessionAffinity
 //! ClientIP, headless and SCTP services skipped).
+//!
+//! Traffic policies, as kube-proxy applies them:
+//! - ClusterIPs (and externalIPs): every ready endpoint, or the node's own under
+//!   internalTrafficPolicy Local;
+//! - external destinations (LoadBalancer IPs, this node's IP at a nodePort) for clients
+//!   outside the cluster: every ready endpoint, or the node's own under
+//!   externalTrafficPolicy Local;
+//! - pods connecting to an external destination (a nodePort on any node's IP, a
+//!   LoadBalancer IP): every ready endpoint whatever the policies (kube-proxy's "pod
+//!   traffic for external destinations" short-circuit to the cluster chain). These are
+//!   [`Scope::Pods`] entries: the NodePort wildcard 0.0.0.0:nodePort, which the socket
+//!   load balancer uses for every node address, and under externalTrafficPolicy Local a
+//!   twin of each LoadBalancer IP.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -19,6 +32,48 @@ pub struct Frontend {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+}
+
+/// Which clients an entry is for (`skiff_ebpf_common::SCOPE_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Everyone: pods' sockets and packets arriving at the node.
+    #[default]
+    All,
+    /// Pods only (the socket load balancer): see the module doc.
+    Pods,
+}
+
+/// A frontend entry: an address and who it is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub frontend: Frontend,
+    pub scope: Scope,
+}
+
+impl FrontendKey {
+    pub fn all(frontend: Frontend) -> FrontendKey {
+        FrontendKey {
+            frontend,
+            scope: Scope::All,
+        }
+    }
+
+    pub fn pods(frontend: Frontend) -> FrontendKey {
+        FrontendKey {
+            frontend,
+            scope: Scope::Pods,
+        }
+    }
+
+    /// The NodePort wildcard of `port` (pods connecting to any node's IP).
+    pub fn node_port_wildcard(port: u16, proto: u8) -> FrontendKey {
+        FrontendKey::pods(Frontend {
+            addr: Ipv4Addr::UNSPECIFIED,
+            port,
+            proto,
+        })
+    }
 }
 
 /// A backend address.
@@ -41,10 +96,14 @@ pub struct DesiredFrontend {
     pub local_only: bool,
     /// A NodePort or LoadBalancer frontend (traffic from outside the cluster).
     pub external: bool,
+    /// The Service port has ready endpoints somewhere (a traffic policy may still leave
+    /// this frontend none): kube-proxy DROPs where a policy left none and REJECTs where
+    /// there are none at all.
+    pub has_endpoints: bool,
 }
 
 /// A service's frontends; empty for headless services.
-pub type DesiredService = BTreeMap<Frontend, DesiredFrontend>;
+pub type DesiredService = BTreeMap<FrontendKey, DesiredFrontend>;
 
 /// Why a Service was skipped (reported as an Event).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,7 +173,7 @@ pub fn desired_service(
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     for p in spec.ports.iter().flatten() {
         let proto = match proto_of(p.protocol.as_deref()) {
             Ok(proto) => proto,
@@ -141,7 +200,7 @@ pub fn desired_service(
             continue;
         }
         let name = p.name.as_deref().unwrap_or("");
-        let mut backends = vec![];
+        let mut all_backends = vec![];
         let mut local_backends = vec![];
         for slice in slices {
             if slice.address_type != "IPv4" {
@@ -172,55 +231,67 @@ pub fn desired_service(
                         if here {
                             local_backends.push(b);
                         }
-                        if here || !local_only {
-                            backends.push(b);
-                        }
+                        all_backends.push(b);
                     }
                 }
             }
         }
-        backends.sort();
-        backends.dedup();
+        all_backends.sort();
+        all_backends.dedup();
         local_backends.sort();
         local_backends.dedup();
+        let has_endpoints = !all_backends.is_empty();
+        let entry = |backends: &Vec<BackendAddr>, local: bool, external: bool| DesiredFrontend {
+            backends: backends.clone(),
+            affinity_timeout,
+            local_only: local,
+            external,
+            has_endpoints,
+        };
+        let internal_backends = if internal_local {
+            &local_backends
+        } else {
+            &all_backends
+        };
         for vip in &vips {
-            out.insert(
-                Frontend {
-                    addr: *vip,
-                    port,
-                    proto,
-                },
-                DesiredFrontend {
-                    backends: backends.clone(),
-                    affinity_timeout,
-                    local_only: false,
-                    external: false,
-                },
-            );
+            let f = Frontend {
+                addr: *vip,
+                port,
+                proto,
+            };
+            out.insert(FrontendKey::all(f), entry(internal_backends, false, false));
         }
         // Traffic from outside: LoadBalancer IPs and this node's IP at the nodePort.
         let external_backends = if external_local {
             &local_backends
         } else {
-            &backends
+            &all_backends
         };
         let node_port = p
             .node_port
             .filter(|_| external)
             .and_then(|np| u16::try_from(np).ok())
-            .filter(|np| *np != 0)
-            .map(|np| (node_ip, np));
+            .filter(|np| *np != 0);
         let lb = lb_ips.iter().map(|ip| (*ip, port));
-        for (addr, port) in lb.chain(node_port) {
+        for (addr, port) in lb.clone().chain(node_port.map(|np| (node_ip, np))) {
+            let f = Frontend { addr, port, proto };
             out.insert(
-                Frontend { addr, port, proto },
-                DesiredFrontend {
-                    backends: external_backends.clone(),
-                    affinity_timeout,
-                    local_only: external_local,
-                    external: true,
-                },
+                FrontendKey::all(f),
+                entry(external_backends, external_local, true),
             );
+        }
+        // Pods going to those destinations: Cluster semantics (see the module doc).
+        if let Some(np) = node_port {
+            out.insert(
+                FrontendKey::node_port_wildcard(np, proto),
+                entry(&all_backends, false, false),
+            );
+        }
+        if external_local {
+            for (addr, port) in lb {
+                let f = Frontend { addr, port, proto };
+                out.insert(FrontendKey::pods(f), entry(&all_backends, false, false));
+            }
         }
     }
     (out, skipped)
@@ -275,7 +346,7 @@ mod tests {
             port: 80,
             proto: PROTO_TCP,
         };
-        let f = &d[&http];
+        let f = &d[&FrontendKey::all(http)];
         assert_eq!(f.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
         let addrs: Vec<String> = f
             .backends
@@ -292,13 +363,13 @@ mod tests {
             port: 53,
             proto: PROTO_UDP,
         };
-        assert_eq!(d[&dns].backends[0].port, 5353);
+        assert_eq!(d[&FrontendKey::all(dns)].backends[0].port, 5353);
         let lb = Frontend {
             addr: "172.18.0.50".parse().unwrap(),
             ..http
         };
         assert_eq!(
-            d[&lb].backends.len(),
+            d[&FrontendKey::all(lb)].backends.len(),
             2,
             "the LoadBalancer IP is a frontend too"
         );
@@ -331,5 +402,68 @@ mod tests {
         assert_eq!(f.backends.len(), 1);
         assert_eq!(f.backends[0].addr.to_string(), "10.244.2.2");
         assert_eq!(f.affinity_timeout, None);
+    }
+
+    #[test]
+    fn node_ports_and_external_local_policy() {
+        let s = svc(json!({
+            "metadata": {"name": "np", "namespace": "default"},
+            "spec": {
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.22",
+                "externalTrafficPolicy": "Local",
+                "internalTrafficPolicy": "Local",
+                "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "172.18.0.51"}]}}
+        }));
+        let sl = slice(json!({
+            "metadata": {"name": "np-1"},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.244.1.2"], "nodeName": "n1"},
+                {"addresses": ["10.244.2.2"], "nodeName": "n2"}
+            ]
+        }));
+        let (d, _) = desired_service(&s, &[&sl], "n1", NODE_IP);
+        let f = |addr: &str, port| Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: PROTO_TCP,
+        };
+        let n = |k: &FrontendKey| d[k].backends.len();
+        // Clients outside: the node's own endpoints (externalTrafficPolicy Local).
+        let node_port = FrontendKey::all(f("10.90.0.11", 30080));
+        assert_eq!(n(&node_port), 1);
+        assert!(d[&node_port].local_only && d[&node_port].external);
+        assert_eq!(n(&FrontendKey::all(f("172.18.0.51", 80))), 1);
+        // Pods: every endpoint, at any node's IP (the wildcard) and at the LB IP.
+        let wild = FrontendKey::node_port_wildcard(30080, PROTO_TCP);
+        assert_eq!(n(&wild), 2);
+        assert!(!d[&wild].local_only);
+        assert_eq!(n(&FrontendKey::pods(f("172.18.0.51", 80))), 2);
+        // The ClusterIP follows internalTrafficPolicy Local.
+        assert_eq!(n(&FrontendKey::all(f("10.96.0.22", 80))), 1);
+        assert_eq!(d.len(), 5);
+        assert!(d.values().all(|v| v.has_endpoints));
+
+        // Cluster policy: no pods-only twin for the LB IP; the wildcard stays.
+        let mut cluster = s.clone();
+        if let Some(spec) = cluster.spec.as_mut() {
+            spec.external_traffic_policy = Some("Cluster".into());
+        }
+        let (d, _) = desired_service(&cluster, &[&sl], "n1", NODE_IP);
+        assert_eq!(d[&node_port].backends.len(), 2);
+        assert!(!d.contains_key(&FrontendKey::pods(f("172.18.0.51", 80))));
+        assert!(d.contains_key(&wild));
+        assert_eq!(d.len(), 4);
+
+        // No endpoints at all.
+        let (d, _) = desired_service(&s, &[], "n1", NODE_IP);
+        assert!(
+            d.values()
+                .all(|v| v.backends.is_empty() && !v.has_endpoints)
+        );
     }
 }

@@ -3,9 +3,13 @@
 //! [`super::maps::ServiceMaps::apply`]/`remove` for that Service's frontends only.
 //! Nothing is applied before both lists are complete; the first pass after them is a
 //! full sync that also removes frontends no Service wants (left by an earlier agent).
+//! In eBPF mode Nodes are watched too: every node's InternalIP/ExternalIP addresses go
+//! to the node address map, where the socket programs apply the NodePort wildcard
+//! (a pod connecting to any node's IP at a nodePort), written after the first full list.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     sync::Arc,
     time::Duration,
 };
@@ -13,7 +17,7 @@ use std::{
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
     api::{
-        core::v1::{Event, EventSource, ObjectReference, Service},
+        core::v1::{Event, EventSource, Node, ObjectReference, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -26,7 +30,7 @@ use kube::{
 
 use super::{
     ServiceProxy,
-    model::{Frontend, SERVICE_NAME_LABEL, Skipped, desired_service},
+    model::{FrontendKey, SERVICE_NAME_LABEL, Skipped, desired_service},
 };
 
 /// namespace/name of a Service.
@@ -38,6 +42,7 @@ const BATCH: usize = 512;
 enum Change {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
 }
 
 /// The reconciler's view of the cluster.
@@ -49,7 +54,13 @@ pub struct State {
     /// Which Service an EndpointSlice belonged to (a relabelled slice moves).
     slice_owner: BTreeMap<(String, String), SvcKey>,
     /// What each Service has in the maps.
-    owned: BTreeMap<SvcKey, BTreeSet<Frontend>>,
+    owned: BTreeMap<SvcKey, BTreeSet<FrontendKey>>,
+    /// Every node's IPv4 addresses by node name.
+    nodes: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    staged_nodes: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    nodes_listed: bool,
+    /// The node addresses changed since they were last written.
+    nodes_dirty: bool,
     /// The last skip messages reported per Service (report changes only).
     reported: BTreeMap<SvcKey, Vec<String>>,
     staged_services: BTreeMap<SvcKey, Service>,
@@ -61,6 +72,18 @@ pub struct State {
 
 fn svc_key(s: &Service) -> SvcKey {
     (s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// A Node's InternalIP and ExternalIP addresses (IPv4).
+pub fn node_addresses(n: &Node) -> BTreeSet<Ipv4Addr> {
+    n.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
 }
 
 fn slice_service(s: &EndpointSlice) -> Option<SvcKey> {
@@ -138,6 +161,54 @@ impl State {
                 watcher::Event::Apply(s) => self.put_slice(s, dirty),
                 watcher::Event::Delete(s) => self.drop_slice(&s, dirty),
             },
+            Change::Node(ev) => match *ev {
+                watcher::Event::Init => self.staged_nodes.clear(),
+                watcher::Event::InitApply(n) => {
+                    self.staged_nodes.insert(n.name_any(), node_addresses(&n));
+                }
+                watcher::Event::InitDone => {
+                    self.nodes = std::mem::take(&mut self.staged_nodes);
+                    self.nodes_listed = true;
+                    self.nodes_dirty = true;
+                }
+                watcher::Event::Apply(n) => {
+                    let ips = node_addresses(&n);
+                    if self.nodes.get(&n.name_any()) != Some(&ips) {
+                        self.nodes.insert(n.name_any(), ips);
+                        self.nodes_dirty = true;
+                    }
+                }
+                watcher::Event::Delete(n) => {
+                    self.nodes_dirty |= self.nodes.remove(&n.name_any()).is_some();
+                }
+            },
+        }
+    }
+
+    /// Every node's addresses, once listed and changed since the last call.
+    fn take_node_ips(&mut self) -> Option<BTreeSet<Ipv4Addr>> {
+        if !(self.nodes_listed && self.nodes_dirty) {
+            return None;
+        }
+        self.nodes_dirty = false;
+        Some(self.nodes.values().flatten().copied().collect())
+    }
+}
+
+/// Writes the node addresses if they changed.
+fn sync_node_ips(state: &mut State, proxy: &ServiceProxy) {
+    let Some(ips) = state.take_node_ips() else {
+        return;
+    };
+    let mut maps = proxy.maps.lock().unwrap_or_else(|e| e.into_inner());
+    match maps.set_node_ips(&ips) {
+        Ok(0) => {}
+        Ok(ops) => tracing::info!(addresses = ips.len(), ops, "node addresses updated"),
+        Err(e) => {
+            super::metrics::PROGRAM_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!("writing the node addresses: {e}");
+            // Try again with the next change.
+            state.nodes_dirty = true;
         }
     }
 }
@@ -199,8 +270,8 @@ pub fn reconcile(
     }
     if !state.synced {
         // The first full pass: frontends nobody owns are leftovers.
-        let owned: BTreeSet<Frontend> = state.owned.values().flatten().copied().collect();
-        let stale: Vec<Frontend> = maps
+        let owned: BTreeSet<FrontendKey> = state.owned.values().flatten().copied().collect();
+        let stale: Vec<FrontendKey> = maps
             .frontends()
             .filter(|f| !owned.contains(f))
             .copied()
@@ -314,7 +385,16 @@ pub async fn run(client: Client, node: String, sink: Sink) {
     )
     .default_backoff()
     .map(|r| r.map(|e| Change::Slice(Box::new(e))));
-    let mut changes = futures::stream::select(services, slices).boxed();
+    // Node addresses matter to the socket programs only.
+    let nodes = match &sink {
+        Sink::Ebpf(_) => watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .map(|r| r.map(|e| Change::Node(Box::new(e))))
+            .boxed(),
+        Sink::Iptables { .. } => futures::stream::pending().boxed(),
+    };
+    let mut changes =
+        futures::stream::select(futures::stream::select(services, slices), nodes).boxed();
     let mut state = State::default();
     let mut dirty = BTreeSet::new();
     let mut last_rules: Option<String> = None;
@@ -332,8 +412,12 @@ pub async fn run(client: Client, node: String, sink: Sink) {
         for c in batch {
             match c {
                 Ok(c) => state.absorb(c, &mut dirty),
-                Err(e) => tracing::warn!("watching services: {e}"),
+                Err(e) => tracing::warn!("watching services, endpoint slices or nodes: {e}"),
             }
+        }
+        if let Sink::Ebpf(proxy) = &sink {
+            // A few map operations when a node comes, goes or changes its addresses.
+            sync_node_ips(&mut state, proxy);
         }
         if !(state.services_listed && state.slices_listed) || dirty.is_empty() {
             continue;
