@@ -145,6 +145,44 @@ fn ip(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Runs `lines` (ip commands without the leading `ip`) through one `ip -batch -`
+/// process, in network namespace `netns` if given: one process (and for a netns, one
+/// namespace switch, which copies the mount table) instead of one per command. Stops at
+/// the first failing command.
+fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), String> {
+    use std::process::Stdio;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    let input = lines.join("\n") + "\n";
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("writing to ip -batch: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for ip -batch: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip{} -batch ({}): {}",
+            netns.map(|n| format!(" -n {n}")).unwrap_or_default(),
+            lines.join("; "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).is_ok()
 }
@@ -245,58 +283,50 @@ impl PodNetworks {
         let ns = netns_name(uid);
         let hv = veth_name(uid);
         let netns_path = PathBuf::from(format!("/run/netns/{ns}"));
-        if !netns_path.exists() {
+        let fresh_netns = !netns_path.exists();
+        if fresh_netns {
             ip(&["netns", "add", &ns])?;
         }
         // The pod side lives in the netns; if the host side exists without it (an earlier
-        // half-done setup), start the pair over.
-        let pod_side_ok = ip(&["-n", &ns, "link", "show", "eth0"]).is_ok();
-        if link_exists(&hv) && !pod_side_ok {
+        // half-done setup), start the pair over. (A netns made just now has no eth0.)
+        let pod_side_ok = !fresh_netns && ip(&["-n", &ns, "link", "show", "eth0"]).is_ok();
+        let host_side = link_exists(&hv);
+        if host_side && !pod_side_ok {
             ip(&["link", "del", &hv])?;
         }
-        if !link_exists(&hv) {
+        let mtu = self.datapath.as_ref().map(|dp| dp.pod_mtu().to_string());
+        // Host side: the pair, its MTU (room for the VXLAN headers on the way to other
+        // nodes), up.
+        let mut host = vec![];
+        if !host_side || !pod_side_ok {
             if pod_side_ok {
                 ip(&["-n", &ns, "link", "del", "eth0"])?;
             }
-            ip(&[
-                "link", "add", &hv, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
+            host.push(format!("link add {hv} type veth peer name eth0 netns {ns}"));
         }
-        if let Some(dp) = &self.datapath {
-            // Room for the VXLAN headers on the way to other nodes.
-            let mtu = dp.pod_mtu().to_string();
-            ip(&["link", "set", &hv, "mtu", &mtu])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu])?;
+        if let Some(mtu) = &mtu {
+            host.push(format!("link set {hv} mtu {mtu}"));
         }
+        host.push(format!("link set {hv} up"));
+        ip_batch(None, &host)?;
         let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{hv}/proxy_arp"), "1");
-        ip(&["link", "set", &hv, "up"])?;
         let (_, mac) = super::datapath::link_info(&hv, None).map_err(|e| e.to_string())?;
         let mac = super::preflight::format_mac(&mac);
-        let mac = mac.as_str();
         let cidr32 = format!("{ipaddr}/32");
-        let gw = GATEWAY.to_string();
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "addr", "replace", &cidr32, "dev", "eth0"])?;
-        ip(&[
-            "-n", &ns, "route", "replace", &gw, "dev", "eth0", "scope", "link",
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "-n", &ns, "route", "replace", "default", "via", &gw, "dev", "eth0",
-        ])?;
+        let gw = GATEWAY;
+        // Pod side, in one namespace switch.
+        let mut pod = vec!["link set lo up".to_string()];
+        if let Some(mtu) = &mtu {
+            pod.push(format!("link set eth0 mtu {mtu}"));
+        }
+        pod.extend([
+            "link set eth0 up".to_string(),
+            format!("addr replace {cidr32} dev eth0"),
+            format!("route replace {gw} dev eth0 scope link"),
+            format!("neigh replace {gw} lladdr {mac} dev eth0 nud permanent"),
+            format!("route replace default via {gw} dev eth0"),
+        ]);
+        ip_batch(Some(&ns), &pod)?;
         let mut route = vec!["route", "replace", &cidr32, "dev", &hv, "scope", "link"];
         let src = self.host_src.map(|s| s.to_string());
         if let Some(s) = &src {

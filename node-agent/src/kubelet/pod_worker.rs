@@ -562,6 +562,7 @@ impl Worker {
         }
         let cidr = (*self.k.pod_cidr.borrow())
             .ok_or_else(|| format!("node {} has no podCIDR yet", self.k.cfg.node_name))?;
+        let _slot = self.k.start_slots.acquire().await;
         let k = self.k.clone();
         let uid = self.uid.clone();
         let net = tokio::task::spawn_blocking(move || k.networks.setup(&uid, cidr))
@@ -619,10 +620,6 @@ impl Worker {
                 self.blocked = Some(e);
                 self.write_status().await;
                 return;
-            }
-            if self.last_status.is_none() {
-                // Show ContainerCreating while images are pulled.
-                self.write_status().await;
             }
             self.reconcile(&rt).await;
             self.watch_running(&rt);
@@ -840,6 +837,11 @@ impl Worker {
         let present = matches!(rt.image(&image).await, Ok(Some(_)));
         if policy == PullPolicy::Always || !present {
             self.event("Normal", "Pulling", format!("Pulling image \"{image}\""));
+            if self.last_status.is_none() {
+                // Show ContainerCreating while the image is pulled (with the image at
+                // hand, the first status written is the one after the start).
+                self.write_status().await;
+            }
         }
         let t = Instant::now();
         let pulled = self.ensure_image(rt, &image, policy).await;
@@ -1005,7 +1007,9 @@ impl Worker {
             (LABEL_INIT.to_string(), init.to_string()),
             (LABEL_STARTED_AT.to_string(), started_at.0.to_string()),
         ]);
+        let slot = self.k.start_slots.acquire().await;
         let r = rt.run_container(&cfg).await;
+        drop(slot);
         let c = self.ctrs.entry(name.clone()).or_default();
         c.attempt = attempt;
         if restarting || r.is_err() {
