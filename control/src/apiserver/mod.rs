@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod registry;
 pub mod resources;
 pub mod selectors;
+pub mod service_alloc;
 pub mod status;
 pub mod table;
 pub mod tls;
@@ -132,6 +133,7 @@ pub async fn start(config: Config) -> Result<Running> {
     });
     let app = axum::Router::new()
         .fallback(handlers::dispatch)
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state);
     let server_config = pki.server_config()?;
     let task = tokio::spawn(tls::serve(listener, server_config, app));
@@ -140,6 +142,29 @@ pub async fn start(config: Config) -> Result<Running> {
         kubeconfig,
         task,
     })
+}
+
+/// Logs each request's latency at debug (target `apiserver_requests`), and at info when a
+/// non-watch request took longer than a second (the apiserver's "slow request" trace).
+async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.contains("watch=true") || q.contains("watch=1"));
+    let status = response.status().as_u16();
+    if elapsed > std::time::Duration::from_secs(1) && !watch {
+        tracing::info!(target: "apiserver_requests", "slow request: {method} {uri} {status} {} ms", elapsed.as_millis());
+    } else {
+        tracing::debug!(target: "apiserver_requests", "{method} {uri} {status} {:.1} ms", elapsed.as_secs_f64() * 1000.0);
+    }
+    response
 }
 
 /// The objects every cluster has: the four system namespaces and the `kubernetes`

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::resources::{self, Resource};
 use super::selectors::{FieldSelector, LabelSelector};
+use super::service_alloc::{Held, ServiceAllocations};
 use super::status::{ApiError, ApiResult, Cause};
 use super::validation::{self, FieldValidation};
 use super::{apply, defaults, patch};
@@ -78,6 +79,8 @@ pub struct Registry {
     pub store: Arc<dyn Store>,
     /// Serialises Service IP and NodePort allocation within this apiserver.
     alloc_lock: tokio::sync::Mutex<()>,
+    /// What the stored Services hold, followed from a watch (started on first use).
+    service_allocations: tokio::sync::OnceCell<ServiceAllocations>,
 }
 
 fn now_rfc3339() -> String {
@@ -169,6 +172,7 @@ impl Registry {
         Registry {
             store,
             alloc_lock: tokio::sync::Mutex::new(()),
+            service_allocations: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -417,6 +421,9 @@ impl Registry {
             let key = r.key(ns, &name);
             match self.store.create(&key, to_stored(&obj)).await {
                 Ok(rv) => {
+                    if _guard.is_some() {
+                        self.record_service(&key, rv, &obj);
+                    }
                     set_rv(&mut obj, rv);
                     return Ok(WriteResult {
                         object: obj,
@@ -576,8 +583,19 @@ impl Registry {
             None
         };
         apply::track_update(Some(&old), &mut new, &opts.field_manager, &now_rfc3339());
-        self.store_update(r, ns, &name, new, expected, opts.dry_run)
-            .await
+        let written = self
+            .store_update(r, ns, &name, new, expected, opts.dry_run)
+            .await;
+        if _guard.is_some()
+            && !opts.dry_run
+            && let Ok(w) = &written
+            && let Some(rv) = w.object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+        {
+            self.record_service(&r.key(ns, &name), rv, &w.object);
+        }
+        written
     }
 
     /// Stores `new`; an object whose deletion waits only on finalizers goes away once the
@@ -618,6 +636,9 @@ impl Registry {
                 .delete(&key, expected)
                 .await
                 .map_err(|e| ApiError::from_storage(e, r, name))?;
+            if r.kind == "Service" {
+                self.record_service_gone(&key, rv);
+            }
             set_rv(&mut new, rv);
             return Ok(WriteResult {
                 object: new,
@@ -838,6 +859,9 @@ impl Registry {
                 }
                 match self.store.delete(&kv.key, Some(kv.mod_revision)).await {
                     Ok((rv, _)) => {
+                        if r.kind == "Service" {
+                            self.record_service_gone(&kv.key, rv);
+                        }
                         set_rv(&mut obj, rv);
                         return Ok(obj);
                     }
@@ -993,8 +1017,33 @@ impl Registry {
         Err(ApiError::conflict(r, name))
     }
 
-    /// ClusterIP and NodePort allocation. The allocated set is derived from the stored
-    /// Services, so deleting a Service releases its IP and ports with no bookkeeping.
+    /// The Service allocation table, loaded by the first Service write.
+    async fn service_allocations(&self) -> ApiResult<&ServiceAllocations> {
+        let r = resources::by_kind("v1", "Service").expect("services are served");
+        self.service_allocations
+            .get_or_try_init(|| ServiceAllocations::start(self.store.clone(), r.key_prefix(None)))
+            .await
+            .map_err(ApiError::from)
+    }
+
+    /// A Service write committed at `rv`: its addresses are taken from now on, before
+    /// the watch reports it.
+    fn record_service(&self, key: &str, rv: Revision, svc: &Value) {
+        if let Some(a) = self.service_allocations.get() {
+            a.lock().set(key, rv, Some(Held::of(svc)));
+        }
+    }
+
+    /// A Service deleted at `rv`: its addresses are free again (as in Kubernetes, at once).
+    fn record_service_gone(&self, key: &str, rv: Revision) {
+        if let Some(a) = self.service_allocations.get() {
+            a.lock().set(key, rv, None);
+        }
+    }
+
+    /// ClusterIP and NodePort allocation against the table of what stored Services hold
+    /// (service_alloc.rs); deleting a Service releases its IP and ports when the watch
+    /// reports the deletion.
     async fn allocate_service(&self, svc: &mut Value, old: Option<&Value>) -> ApiResult<()> {
         let r = resources::by_kind("v1", "Service").expect("services are served");
         let name = name_of(svc).to_string();
@@ -1005,31 +1054,9 @@ impl Registry {
         if ty == "ExternalName" {
             return Ok(());
         }
-        let all = self
-            .store
-            .list(&r.key_prefix(None), None, None)
-            .await
-            .map_err(ApiError::from)?;
-        let my_uid = svc["metadata"]["uid"].as_str().unwrap_or("").to_string();
-        let mut used_ips = HashSet::new();
-        let mut used_ports = HashSet::new();
-        for kv in &all.items {
-            let other = from_kv(kv)?;
-            if other["metadata"]["uid"].as_str() == Some(my_uid.as_str()) {
-                continue;
-            }
-            if let Some(ip) = other["spec"]["clusterIP"]
-                .as_str()
-                .and_then(|s| s.parse::<Ipv4Addr>().ok())
-            {
-                used_ips.insert(ip);
-            }
-            for p in other["spec"]["ports"].as_array().into_iter().flatten() {
-                if let Some(np) = p["nodePort"].as_i64() {
-                    used_ports.insert(np);
-                }
-            }
-        }
+        let svc_key = r.key(svc["metadata"]["namespace"].as_str(), &name);
+        let allocations = self.service_allocations().await?;
+        let table = allocations.lock();
         // ClusterIP: keep the old one, honour a requested one, else pick a free one.
         if let Some(old_ip) = old.and_then(|o| o["spec"]["clusterIP"].as_str())
             && svc["spec"]["clusterIP"].as_str().is_none_or(str::is_empty)
@@ -1046,7 +1073,7 @@ impl Registry {
                 let off = SERVICE_CIDR_STATIC
                     + (start + i) % (SERVICE_CIDR_SIZE - SERVICE_CIDR_STATIC - 1);
                 let ip = Ipv4Addr::from(SERVICE_CIDR_BASE + off);
-                if !used_ips.contains(&ip) {
+                if !table.ip_taken(ip, &svc_key) {
                     found = Some(ip);
                     break;
                 }
@@ -1080,7 +1107,7 @@ impl Registry {
             }
             let unchanged =
                 old.and_then(|o| o["spec"]["clusterIP"].as_str()) == Some(requested.as_str());
-            if used_ips.contains(&ip) && !unchanged {
+            if table.ip_taken(ip, &svc_key) && !unchanged {
                 return Err(ApiError::invalid(
                     r,
                     &name,
@@ -1126,7 +1153,7 @@ impl Registry {
                 );
                 let np = match p["nodePort"].as_i64().filter(|n| *n != 0) {
                     Some(n) => {
-                        if used_ports.contains(&n) || !mine.insert(n) {
+                        if table.port_taken(n, &svc_key) || !mine.insert(n) {
                             return Err(ApiError::invalid(
                                 r,
                                 &name,
@@ -1143,7 +1170,7 @@ impl Registry {
                         let reuse = old_ports
                             .get(&key)
                             .copied()
-                            .filter(|n| !used_ports.contains(n) && !mine.contains(n));
+                            .filter(|n| !table.port_taken(*n, &svc_key) && !mine.contains(n));
                         let n = match reuse {
                             Some(n) => n,
                             None => {
@@ -1151,7 +1178,7 @@ impl Registry {
                                 let start = (rand::random::<u32>() as i64) % span;
                                 (0..span)
                                     .map(|k| NODE_PORT_RANGE.start() + (start + k) % span)
-                                    .find(|n| !used_ports.contains(n) && !mine.contains(n))
+                                    .find(|n| !table.port_taken(*n, &svc_key) && !mine.contains(n))
                                     .ok_or_else(|| {
                                         ApiError::internal(
                                             "failed to allocate a nodePort: range is full",

@@ -205,6 +205,26 @@ impl Gc {
         }
     }
 
+    /// The owner `r` is in this collector's caches, with `r`'s uid, and not being deleted.
+    /// False for kinds not watched here (they are checked live).
+    fn cached_owner_is_solid(&self, r: &OwnerReference, ns: Option<&str>) -> bool {
+        let Some(kind) = self
+            .kinds
+            .iter()
+            .find(|k| k.res.api_version() == r.api_version && k.res.kind == r.kind)
+        else {
+            return false;
+        };
+        let mut key = ObjectRef::new_with(&r.name, kind.ar.clone());
+        if kind.res.namespaced {
+            let Some(ns) = ns else { return false };
+            key = key.within(ns);
+        }
+        kind.store.get(&key).is_some_and(|o| {
+            o.uid().as_deref() == Some(r.uid.as_str()) && o.metadata.deletion_timestamp.is_none()
+        })
+    }
+
     fn api(&self, res: &Resource, ns: Option<&str>) -> Api<DynamicObject> {
         let ar = api_resource(res);
         match (res.namespaced, ns) {
@@ -245,6 +265,16 @@ async fn reconcile(obj: Arc<DynamicObject>, gc: Arc<Gc>, idx: usize) -> Result<A
 /// The dependent side: delete it when no owner is alive, drop references to dead owners.
 async fn collect_if_orphaned(gc: &Gc, cached: &DynamicObject, res: &Resource) -> Result<Action> {
     let ns = cached.namespace();
+    // Graph first, as Kubernetes' collector does: when every owner is in the caches with
+    // the same uid and is not being deleted, there is nothing to do and no request is
+    // made (an owner's later deletion wakes this object again through
+    // `watch_owner_changes`). Only a possibly dangling or leaving owner is checked live.
+    if refs(cached)
+        .iter()
+        .all(|r| gc.cached_owner_is_solid(r, ns.as_deref()))
+    {
+        return Ok(Action::requeue(RESYNC));
+    }
     let api = gc.api(res, ns.as_deref());
     // Decide on the live object: the cache may predate an orphaning patch.
     let Some(obj) = api.get_opt(&cached.name_any()).await? else {
