@@ -182,6 +182,8 @@ impl Inner {
     /// that fails its check (conflict, missing, exists) changes nothing and does not
     /// affect the others; a storage error fails the whole batch.
     fn commit_batch(&self, batch: Vec<Request>) {
+        let started = std::time::Instant::now();
+        let batch_len = batch.len();
         let mut outcomes: Vec<(Arc<Mutex<Option<WriteResult>>>, WriteResult)> = Vec::new();
         let mut events: Vec<WatchEvent> = Vec::new();
         let committed = (|| -> Result<()> {
@@ -222,6 +224,11 @@ impl Inner {
             }
             return;
         }
+        tracing::debug!(
+            target: "store_commits",
+            "committed {batch_len} writes in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         // Committed: publish (still holding `writer`, so events go out in revision order).
         {
             let mut hub = self.hub();
