@@ -58,6 +58,7 @@ use super::{
     agent::Kubelet,
     cri_log::LogFormatter,
     runtime::{ContainerState, RuntimeError},
+    static_pods,
 };
 
 /// An error answered as text with its status code (the apiserver turns it into a Status).
@@ -387,6 +388,23 @@ pub fn log_path(
         .join(format!("{attempt}.log"))
 }
 
+/// The uid in the log directory of `pod` as the API shows it: the pod's own uid, but for a
+/// mirror pod the static pod's (its `kubernetes.io/config.mirror` annotation), which its
+/// worker runs and logs under; the mirror pod's API uid changes whenever it is recreated.
+pub fn log_uid(pod: &Pod) -> &str {
+    let own = pod.metadata.uid.as_deref().unwrap_or_default();
+    if !static_pods::is_mirror(pod) {
+        return own;
+    }
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(static_pods::ANN_MIRROR))
+        .map(String::as_str)
+        .filter(|u| !u.is_empty())
+        .unwrap_or(own)
+}
+
 /// The last `n` lines of `data` (a trailing newline does not start another line).
 pub fn tail_lines(data: &[u8], n: usize) -> &[u8] {
     if n == 0 {
@@ -450,7 +468,7 @@ async fn logs_response(
 ) -> Result<Response, HttpError> {
     let opts = LogOptions::from_query(&parse_query(q))?;
     let pod = get_pod(&k, ns, pod_name).await?;
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let uid = log_uid(&pod).to_string();
     let (id, running) = select_log_container(&pod, container, opts.previous)?;
     let attempt = attempt_of(&id)
         .ok_or_else(|| HttpError::internal(format!("container id {id:?} has no attempt number")))?;
@@ -1083,6 +1101,17 @@ mod tests {
             log_path(Path::new("/var/log/pods"), "ns", "p", "u", "c", 3),
             PathBuf::from("/var/log/pods/ns_p_u/c/3.log")
         );
+        // A mirror pod's logs are under the static pod's uid, not the mirror's.
+        let mut mirror = pod(serde_json::json!([]));
+        assert_eq!(log_uid(&mirror), "u");
+        mirror.metadata.annotations = Some(
+            [(
+                static_pods::ANN_MIRROR.to_string(),
+                "static-uid".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(log_uid(&mirror), "static-uid");
     }
 
     #[test]
