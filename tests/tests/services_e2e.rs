@@ -97,6 +97,47 @@ fn host_get(addr: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{addr}: no body in {out:?}"))
 }
 
+/// Who sends the requests of [`answered_by`].
+#[derive(Clone, Copy, Debug)]
+enum Client<'a> {
+    /// A pod, with skiff-echo's TCP client: a request that fails fails the test at once
+    /// (the path is expected to work already).
+    Pod(&'a str),
+    /// A pod: a request that fails is printed and retried (the path may still be being
+    /// programmed).
+    PodRetrying(&'a str),
+    /// The test host (`GET /np`): requests that fail are left out.
+    Host,
+}
+
+/// Waits up to `timeout` until `count` TCP requests from `client` to `addr` are answered
+/// by exactly the pods `want` (every one of them, and no other).
+fn answered_by(
+    c: &Cluster,
+    client: Client,
+    addr: &str,
+    count: usize,
+    want: &BTreeSet<String>,
+    timeout: Duration,
+) {
+    eventually(
+        &format!("{client:?} -> {addr}: {count} requests answered by exactly {want:?}"),
+        timeout,
+        || {
+            let names: BTreeSet<String> = match client {
+                Client::Pod(pod) => tcp_backends(c, pod, addr, count).into_iter().collect(),
+                Client::PodRetrying(pod) => tcp_answers(c, pod, addr, count)
+                    .map_err(|e| eprintln!("{e}"))
+                    .ok()?
+                    .into_iter()
+                    .collect(),
+                Client::Host => (0..count).filter_map(|_| host_get(addr).ok()).collect(),
+            };
+            (names == *want).then_some(())
+        },
+    );
+}
+
 fn lb_stat(node: &str, s: LbStat) -> u64 {
     read_pinned_lb_stats(&pin_dir(node))
         .expect("read the pinned LB stats")
@@ -186,6 +227,10 @@ fn services_end_to_end(mode: Mode) {
     let image = push_echo_image(&net);
     let c = net.c.clone();
     let (n1, n2) = (net.nodes[0].clone(), net.nodes[1].clone());
+    // `kubectl patch svc echo -p <patch>`.
+    let patch_echo = |patch: &str| {
+        c.kubectl(&["patch", "svc", "echo", "-p", patch]);
+    };
 
     phase("cluster up; the workload");
     // --- the workload, the way a user makes it.
@@ -232,20 +277,18 @@ fn services_end_to_end(mode: Mode) {
         "--protocol",
         "UDP",
     ]);
+    // `kubectl run <name>` of a client pod (label role=client) on `node`, `command` the
+    // rest of kubectl's arguments.
+    let run_client = |name: &str, node: &str, command: &[&str]| {
+        let overrides = format!(r#"{{"spec":{{"nodeName":"{node}"}}}}"#);
+        let mut args = vec!["run", name, "--image", &image, "--restart", "Never"];
+        args.extend(["--labels", "role=client", "--overrides", &overrides]);
+        args.extend_from_slice(command);
+        c.kubectl(&args);
+    };
     // One client pod per node (not selected by the Service).
     for (i, n) in [&n1, &n2].iter().enumerate() {
-        c.kubectl(&[
-            "run",
-            &format!("client-{}", i + 1),
-            "--image",
-            &image,
-            "--restart",
-            "Never",
-            "--labels",
-            "role=client",
-            "--overrides",
-            &format!(r#"{{"spec":{{"nodeName":"{n}"}}}}"#),
-        ]);
+        run_client(&format!("client-{}", i + 1), n, &[]);
     }
     c.kubectl(&[
         "rollout",
@@ -271,16 +314,8 @@ fn services_end_to_end(mode: Mode) {
     phase("every client reaches every backend through the ClusterIP");
     // --- every client reaches every backend through the ClusterIP.
     for client in ["client-1", "client-2"] {
-        let seen = eventually(
-            &format!("{client} reaches all 3 backends of {vip}"),
-            Duration::from_secs(60),
-            || {
-                let names: BTreeSet<String> =
-                    tcp_backends(&c, client, &vip, 30).into_iter().collect();
-                (names == backends).then_some(names)
-            },
-        );
-        assert_eq!(seen, backends);
+        let client = Client::Pod(client);
+        answered_by(&c, client, &vip, 30, &backends, Duration::from_secs(60));
     }
     if ebpf {
         assert!(lb_stat(&n1, LbStat::Translated) > 0 && lb_stat(&n2, LbStat::Translated) > 0);
@@ -352,35 +387,17 @@ fn services_end_to_end(mode: Mode) {
 
     phase("sessionAffinity ClientIP");
     // --- sessionAffinity ClientIP: a client sticks to one backend.
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"sessionAffinity":"ClientIP"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"sessionAffinity":"ClientIP"}}"#);
     eventually("affinity sticks", Duration::from_secs(30), || {
         let names: BTreeSet<String> = tcp_backends(&c, "client-1", &vip, 20).into_iter().collect();
         (names.len() == 1).then_some(())
     });
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"sessionAffinity":"None"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"sessionAffinity":"None"}}"#);
 
     phase("NodePort on every node IP, from the test host");
     // --- NodePort on every node IP, from the test host (outside every node). Node 1 has
     // local and remote backends, so both DNAT paths (and SNAT for remote) run.
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"type":"NodePort"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"type":"NodePort"}}"#);
     let np = c.kubectl(&[
         "get",
         "svc",
@@ -391,14 +408,13 @@ fn services_end_to_end(mode: Mode) {
     let forwards = lb_stat(&n1, LbStat::NodePortForward);
     for n in [&n1, &n2] {
         let addr = format!("{}:{}", net.node_ips[n], np.trim());
-        eventually(
-            &format!("NodePort {addr} reaches every backend"),
+        answered_by(
+            &c,
+            Client::Host,
+            &addr,
+            30,
+            &backends,
             Duration::from_secs(60),
-            || {
-                let names: BTreeSet<String> =
-                    (0..30).filter_map(|_| host_get(&addr).ok()).collect();
-                (names == backends).then_some(())
-            },
         );
     }
     if ebpf {
@@ -410,27 +426,11 @@ fn services_end_to_end(mode: Mode) {
     // (externalTrafficPolicy Cluster) every backend answers there.
     for n in [&n2, &n1] {
         let addr = format!("{}:{}", net.node_ips[n], np.trim());
-        eventually(
-            &format!("client-1 -> NodePort {addr} reaches every backend"),
-            Duration::from_secs(30),
-            || {
-                let names: BTreeSet<String> = tcp_answers(&c, "client-1", &addr, 30)
-                    .map_err(|e| eprintln!("{e}"))
-                    .ok()?
-                    .into_iter()
-                    .collect();
-                (names == backends).then_some(())
-            },
-        );
+        let client = Client::PodRetrying("client-1");
+        answered_by(&c, client, &addr, 30, &backends, Duration::from_secs(30));
     }
     // externalTrafficPolicy Local: only the node's own backends answer.
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"externalTrafficPolicy":"Local"}}"#);
     for n in [&n1, &n2] {
         let local: BTreeSet<String> = c
             .items(&[
@@ -448,48 +448,18 @@ fn services_end_to_end(mode: Mode) {
             continue;
         }
         let addr = format!("{}:{}", net.node_ips[n], np.trim());
-        eventually(
-            &format!("NodePort {addr} with Local policy"),
-            Duration::from_secs(30),
-            || {
-                let names: BTreeSet<String> =
-                    (0..20).filter_map(|_| host_get(&addr).ok()).collect();
-                (names == local).then_some(())
-            },
-        );
+        answered_by(&c, Client::Host, &addr, 20, &local, Duration::from_secs(30));
     }
     // Pods are no outside clients: at their own node's IP they get every endpoint, as
     // kube-proxy's "pod traffic for external destinations" short-circuit gives them.
     for (client, n) in [("client-1", &n1), ("client-2", &n2)] {
         let addr = format!("{}:{}", net.node_ips[n], np.trim());
-        eventually(
-            &format!("{client} -> NodePort {addr} with Local policy: every backend"),
-            Duration::from_secs(30),
-            || {
-                let names: BTreeSet<String> = tcp_answers(&c, client, &addr, 30)
-                    .map_err(|e| eprintln!("{e}"))
-                    .ok()?
-                    .into_iter()
-                    .collect();
-                (names == backends).then_some(())
-            },
-        );
+        let client = Client::PodRetrying(client);
+        answered_by(&c, client, &addr, 30, &backends, Duration::from_secs(30));
     }
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#);
     // LoadBalancer: an address from the pool answers from the host.
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"type":"LoadBalancer"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"type":"LoadBalancer"}}"#);
     let lb_ip = eventually("a LoadBalancer IP", Duration::from_secs(30), || {
         let ip = c.kubectl(&[
             "get",
@@ -501,50 +471,22 @@ fn services_end_to_end(mode: Mode) {
         (!ip.trim().is_empty()).then(|| ip.trim().to_string())
     });
     let lb_addr = format!("{lb_ip}:80");
-    eventually(
-        &format!("LoadBalancer {lb_addr} reaches every backend"),
+    answered_by(
+        &c,
+        Client::Host,
+        &lb_addr,
+        30,
+        &backends,
         Duration::from_secs(60),
-        || {
-            let names: BTreeSet<String> = (0..30).filter_map(|_| host_get(&lb_addr).ok()).collect();
-            (names == backends).then_some(())
-        },
     );
     // A pod going to the LoadBalancer IP of a Service with externalTrafficPolicy Local
     // still gets every endpoint (eBPF: the pods-only twin; iptables: the EXT chain's
     // pod short-circuit).
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
-    ]);
-    eventually(
-        &format!("client-2 -> LoadBalancer {lb_addr} with Local policy: every backend"),
-        Duration::from_secs(30),
-        || {
-            let names: BTreeSet<String> = tcp_answers(&c, "client-2", &lb_addr, 30)
-                .map_err(|e| eprintln!("{e}"))
-                .ok()?
-                .into_iter()
-                .collect();
-            (names == backends).then_some(())
-        },
-    );
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
-    ]);
-    c.kubectl(&[
-        "patch",
-        "svc",
-        "echo",
-        "-p",
-        r#"{"spec":{"type":"ClusterIP"}}"#,
-    ]);
+    patch_echo(r#"{"spec":{"externalTrafficPolicy":"Local"}}"#);
+    let client = Client::PodRetrying("client-2");
+    answered_by(&c, client, &lb_addr, 30, &backends, Duration::from_secs(30));
+    patch_echo(r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#);
+    patch_echo(r#"{"spec":{"type":"ClusterIP"}}"#);
 
     phase("scale down");
     // --- scale down: the removed backends are never chosen again.
@@ -554,14 +496,13 @@ fn services_end_to_end(mode: Mode) {
         let all = c.items(&["get", "pods", "-l", "app=echo"]).len();
         (r.len() == 1 && all == 1).then_some(r)
     });
-    eventually(
-        "only the remaining backend answers",
+    answered_by(
+        &c,
+        Client::Pod("client-2"),
+        &vip,
+        20,
+        &left,
         Duration::from_secs(30),
-        || {
-            let names: BTreeSet<String> =
-                tcp_backends(&c, "client-2", &vip, 20).into_iter().collect();
-            (names == left).then_some(())
-        },
     );
     for client in ["client-1", "client-2"] {
         let names: BTreeSet<String> = tcp_backends(&c, client, &vip, 20).into_iter().collect();
@@ -639,17 +580,10 @@ fn services_end_to_end(mode: Mode) {
     }
     // An endpoint appears (client-2 gets the selected label): the refusals are gone.
     c.kubectl(&["label", "pod", "client-2", "app=nothing"]);
+    let endpoint = BTreeSet::from(["client-2".to_string()]);
     for addr in std::iter::once(&naddr).chain(&node_addrs) {
-        eventually(
-            &format!("client-1 -> {addr} answers once the service has an endpoint"),
-            Duration::from_secs(30),
-            || {
-                let names = tcp_answers(&c, "client-1", addr, 2)
-                    .map_err(|e| eprintln!("{e}"))
-                    .ok()?;
-                names.iter().all(|n| n == "client-2").then_some(())
-            },
-        );
+        let client = Client::PodRetrying("client-1");
+        answered_by(&c, client, addr, 2, &endpoint, Duration::from_secs(30));
     }
     let from_host = eventually(
         "the test host -> the former empty service answers",
@@ -745,23 +679,11 @@ spec:
         "echo start; (for i in $(seq 1 60); do printf 'GET /long HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'; sleep 0.25; done) | nc -w 5 {} 80 | grep -c '/long'; sleep 100000",
         cip.trim()
     );
-    c.kubectl(&[
-        "run",
+    run_client(
         "long-client",
-        "--image",
-        &image,
-        "--restart",
-        "Never",
-        "--labels",
-        "role=client",
-        "--overrides",
-        &format!(r#"{{"spec":{{"nodeName":"{n1}"}}}}"#),
-        "--command",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+        &n1,
+        &["--command", "--", "sh", "-c", &script],
+    );
     eventually("the long connection runs", Duration::from_secs(60), || {
         let o = c.kubectl_out(&["logs", "long-client"], None);
         String::from_utf8_lossy(&o.stdout)
