@@ -391,17 +391,23 @@ pub fn log_path(
 /// The uid in the log directory of `pod` as the API shows it: the pod's own uid, but for a
 /// mirror pod the static pod's (its `kubernetes.io/config.mirror` annotation), which its
 /// worker runs and logs under; the mirror pod's API uid changes whenever it is recreated.
+/// The annotation is anyone's to write, so only a uid-shaped value (8-4-4-4-12 hex digits,
+/// as [`static_pods::parse`] makes them) is taken: never a path.
 pub fn log_uid(pod: &Pod) -> &str {
     let own = pod.metadata.uid.as_deref().unwrap_or_default();
-    if !static_pods::is_mirror(pod) {
-        return own;
-    }
+    let uid_shaped = |u: &&str| {
+        u.len() == 36
+            && u.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            })
+    };
     pod.metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(static_pods::ANN_MIRROR))
         .map(String::as_str)
-        .filter(|u| !u.is_empty())
+        .filter(uid_shaped)
         .unwrap_or(own)
 }
 
@@ -1104,14 +1110,18 @@ mod tests {
         // A mirror pod's logs are under the static pod's uid, not the mirror's.
         let mut mirror = pod(serde_json::json!([]));
         assert_eq!(log_uid(&mirror), "u");
-        mirror.metadata.annotations = Some(
-            [(
-                static_pods::ANN_MIRROR.to_string(),
-                "static-uid".to_string(),
-            )]
-            .into(),
-        );
-        assert_eq!(log_uid(&mirror), "static-uid");
+        let static_uid = "0123abcd-4567-89ef-0a1b-2c3d4e5f6a7b";
+        for (mirror_ann, want) in [
+            (static_uid, static_uid),
+            // Not a uid: the pod's own (no path out of the pod's log directory).
+            ("../../../etc", "u"),
+            ("0123abcd-4567-89ef-0a1b-2c3d4e5f/../", "u"),
+            ("", "u"),
+        ] {
+            mirror.metadata.annotations =
+                Some([(static_pods::ANN_MIRROR.to_string(), mirror_ann.to_string())].into());
+            assert_eq!(log_uid(&mirror), want, "{mirror_ann:?}");
+        }
     }
 
     #[test]
