@@ -173,12 +173,7 @@ async fn assert_quiet(w: &mut WatchStream) {
 }
 
 fn ev(kind: EventKind, key: &str, value: &[u8], revision: Revision) -> WatchEvent {
-    WatchEvent {
-        kind,
-        key: key.to_owned(),
-        value: value.to_vec(),
-        revision,
-    }
+    WatchEvent::new(kind, key.to_owned(), value.to_vec(), revision)
 }
 
 mod suite {

@@ -787,32 +787,41 @@ impl Ctx<'_> {
                     if initial_end {
                         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
                     }
-                    ("BOOKMARK", json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": meta}))
+                    let object = match mode {
+                        Repr::Table => {
+                            json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "columnDefinitions": null, "rows": null})
+                        }
+                        _ => json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": meta}),
+                    };
+                    return Ok(watch_line("BOOKMARK", &object));
                 }
-                WatchItem::Error(e) => ("ERROR", e.to_status()),
+                WatchItem::Error(e) => return Ok(watch_line("ERROR", &e.to_status())),
             };
-            let object = match (mode, ty) {
-                (_, "ERROR") => object,
-                (Repr::Table, "BOOKMARK") => {
-                    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"], "columnDefinitions": null, "rows": null})
+            let line = match mode {
+                // The common case: the shared encoding, made once for all watchers.
+                Repr::Full => {
+                    let json = object.json();
+                    let mut line = Vec::with_capacity(json.len() + 40);
+                    line.extend_from_slice(b"{\"type\":\"");
+                    line.extend_from_slice(ty.as_bytes());
+                    line.extend_from_slice(b"\",\"object\":");
+                    line.extend_from_slice(json);
+                    line.extend_from_slice(b"}\n");
+                    Bytes::from(line)
                 }
-                (Repr::Table, _) => {
-                    let rv = object["metadata"]["resourceVersion"].clone();
-                    let mut t = table::table(r, &[object], include, chrono::Utc::now());
+                Repr::Table => {
+                    let rv = object.value["metadata"]["resourceVersion"].clone();
+                    let mut t = table::table(r, std::slice::from_ref(&object.value), include, chrono::Utc::now());
                     t["metadata"] = json!({"resourceVersion": rv});
                     if !first_table {
                         t["columnDefinitions"] = json!([]);
                     }
                     first_table = false;
-                    t
+                    watch_line(ty, &t)
                 }
-                (Repr::Metadata, "BOOKMARK") => object,
-                (Repr::Metadata, _) => partial_metadata(&object),
-                (Repr::Full, _) => object,
+                Repr::Metadata => watch_line(ty, &partial_metadata(&object.value)),
             };
-            let mut line = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
-            line.push(b'\n');
-            Ok::<_, std::convert::Infallible>(Bytes::from(line))
+            Ok::<_, std::convert::Infallible>(line)
         });
         Ok(Response::builder()
             .status(StatusCode::OK)
@@ -821,6 +830,13 @@ impl Ctx<'_> {
             .body(Body::from_stream(lines))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
     }
+}
+
+/// One line of a JSON watch stream.
+fn watch_line(ty: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
 }
 
 #[cfg(test)]

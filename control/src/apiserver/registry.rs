@@ -68,11 +68,52 @@ pub struct DeleteOptions {
 /// One event of a watch as the handler encodes it.
 #[derive(Debug, Clone)]
 pub enum WatchItem {
-    Added(Value),
-    Modified(Value),
-    Deleted(Value),
+    Added(Arc<SharedObject>),
+    Modified(Arc<SharedObject>),
+    Deleted(Arc<SharedObject>),
     Bookmark(Revision, bool),
     Error(ApiError),
+}
+
+/// A watched object, decoded once per store event and shared by every watcher that
+/// receives the event; its JSON encoding is made on first use and shared too.
+#[derive(Debug)]
+pub struct SharedObject {
+    pub value: Value,
+    json: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl SharedObject {
+    pub fn new(value: Value) -> Arc<Self> {
+        Arc::new(Self {
+            value,
+            json: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The object as JSON (encoded once).
+    pub fn json(&self) -> &[u8] {
+        self.json
+            .get_or_init(|| serde_json::to_vec(&self.value).unwrap_or_default().into())
+    }
+}
+
+/// The event's object with its resourceVersion, decoded by the first watcher that needs it
+/// (kept in the event's memo for the others). None if the stored bytes are not JSON.
+fn decoded(ev: &crate::storage::WatchEvent) -> Option<Arc<SharedObject>> {
+    let decode = || {
+        let mut v: Value = serde_json::from_slice(&ev.value).ok()?;
+        set_rv(&mut v, ev.revision);
+        Some(SharedObject::new(v))
+    };
+    let memo = ev
+        .memo
+        .get_or_init(|| Arc::new(decode()) as Arc<dyn std::any::Any + Send + Sync>);
+    match memo.downcast_ref::<Option<Arc<SharedObject>>>() {
+        Some(shared) => shared.clone(),
+        // Another reader put something else in the memo: decode for ourselves.
+        None => decode(),
+    }
 }
 
 pub struct Registry {
@@ -1235,7 +1276,7 @@ impl Registry {
             start_rev = listed.revision;
             for obj in listed.items {
                 visible.insert(obj_key(r, &obj));
-                initial.push(WatchItem::Added(obj));
+                initial.push(WatchItem::Added(SharedObject::new(obj)));
             }
             if send_initial {
                 initial.push(WatchItem::Bookmark(start_rev, true));
@@ -1315,8 +1356,7 @@ impl WatchState {
         {
             return None;
         }
-        let mut obj: Value = serde_json::from_slice(&ev.value).ok()?;
-        set_rv(&mut obj, ev.revision);
+        let obj = decoded(&ev)?;
         if self.opts.label_selector.is_empty() && self.opts.field_selector.is_empty() {
             // Nothing can change what matches: the store's event type is the answer.
             return Some(match ev.kind {
@@ -1325,8 +1365,11 @@ impl WatchState {
                 EventKind::Deleted => WatchItem::Deleted(obj),
             });
         }
-        let matches = self.opts.label_selector.matches(&obj["metadata"]["labels"])
-            && self.opts.field_selector.matches(&obj);
+        let matches = self
+            .opts
+            .label_selector
+            .matches(&obj.value["metadata"]["labels"])
+            && self.opts.field_selector.matches(&obj.value);
         let was_visible = self.visible.contains(&ev.key);
         match ev.kind {
             EventKind::Deleted => {

@@ -2,21 +2,25 @@
 //! controlled by the ReplicaSet, and reports what it sees in status.
 //!
 //! Input: ReplicaSets, plus Pods (a pod event wakes its controller, or for an orphan every
-//! ReplicaSet whose selector matches it). Each reconcile lists the namespace's pods from
-//! the apiserver rather than a cache, so it never acts on a stale count and needs no
-//! "expectations" bookkeeping. Output: pod creates/deletes, ownerReference adoption and
-//! release, Events and status.
+//! ReplicaSet whose selector matches it). Each reconcile counts pods from the controller's
+//! pod cache (one watch), as Kubernetes' podLister does: listing from the apiserver on
+//! every pod event cost ~300 ms of apiserver CPU per reconcile at 2000 pods. A cache can
+//! lag the controller's own writes, so, as in Kubernetes, "expectations" remember the
+//! pods it created or deleted until the cache shows them; until then a reconcile only
+//! reports status. Output: pod creates/deletes, ownerReference adoption and release,
+//! Events and status.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -29,19 +33,85 @@ const COMPONENT: &str = "replicaset-controller";
 /// Kubernetes caps one sync's creates/deletes so a huge scale does not starve others.
 const BURST: usize = 500;
 
+/// How long an expectation may stay unmet before the reconcile acts anyway (a lost watch
+/// event must not wedge a ReplicaSet; Kubernetes waits 5 minutes).
+const EXPECTATION_TTL: Duration = Duration::from_secs(60);
+
 pub struct Ctx {
     client: Client,
     backoff: Backoff,
+    pods: Store<Pod>,
+    expectations: Expectations,
+}
+
+/// Pods a ReplicaSet's reconcile created or deleted that the pod cache may not show yet.
+#[derive(Default)]
+struct Expectations {
+    by_rs: Mutex<HashMap<String, Expected>>,
+}
+
+struct Expected {
+    /// Namespaced pod names created, to be seen in the cache.
+    created: HashSet<String>,
+    /// Namespaced pod names deleted, to be seen deleting or gone.
+    deleted: HashSet<String>,
+    since: Instant,
+}
+
+impl Expectations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Expected>> {
+        self.by_rs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what one reconcile wrote (nothing recorded when it wrote nothing).
+    fn expect(&self, rs: &str, created: HashSet<String>, deleted: HashSet<String>) {
+        if created.is_empty() && deleted.is_empty() {
+            return;
+        }
+        self.lock().insert(
+            rs.to_string(),
+            Expected {
+                created,
+                deleted,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    /// True when the cache shows every recorded write (or they expired): the pod count
+    /// can be trusted. Clears what is met.
+    fn satisfied(&self, rs: &str, pods: &Store<Pod>, ns: &str) -> bool {
+        let mut all = self.lock();
+        let Some(e) = all.get_mut(rs) else {
+            return true;
+        };
+        let cached = |name: &str| pods.get(&ObjectRef::new(name).within(ns));
+        e.created.retain(|name| cached(name).is_none());
+        e.deleted
+            .retain(|name| cached(name).is_some_and(|p| p.metadata.deletion_timestamp.is_none()));
+        let met =
+            (e.created.is_empty() && e.deleted.is_empty()) || e.since.elapsed() > EXPECTATION_TTL;
+        if met {
+            all.remove(rs);
+        }
+        met
+    }
 }
 
 pub async fn run(client: Client) {
     let rs_api: Api<ReplicaSet> = Api::all(client.clone());
     let pod_api: Api<Pod> = Api::all(client.clone());
+    let (pods, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(pod_api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects();
     let ctrl = Controller::new(rs_api, watcher::Config::default());
     let store = ctrl.store();
     // One pod watch serves both triggers: the controlling ReplicaSet, or for an orphan
     // every ReplicaSet in its namespace whose selector matches (adoption).
-    let ctrl = ctrl.watches(pod_api, watcher::Config::default(), move |pod: Pod| {
+    let ctrl = ctrl.watches_stream(pod_events, move |pod: Pod| {
         let ns = pod.namespace().unwrap_or_default();
         if let Some(owner) = controller_ref(&pod.metadata) {
             if owner.kind == "ReplicaSet" {
@@ -60,6 +130,8 @@ pub async fn run(client: Client) {
     let ctx = Arc::new(Ctx {
         client,
         backoff: Backoff::default(),
+        pods,
+        expectations: Expectations::default(),
     });
     super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
 }
@@ -127,7 +199,23 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
     let uid = rs.uid().unwrap_or_default();
     let spec = rs.spec.clone();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = pods.list(&ListParams::default()).await?.items;
+    ctx.pods
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::Other(format!("pod cache: {e}")))?;
+    let in_sync = ctx.expectations.satisfied(&key, &ctx.pods, &ns);
+    // Only the pods this ReplicaSet controls or could adopt (cloned: the loop may patch).
+    let all: Vec<Pod> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .filter(|p| match controller_ref(&p.metadata) {
+            Some(o) => o.uid == uid,
+            None => selector_matches(&Some(&spec.selector), p.labels()),
+        })
+        .map(|p| Pod::clone(&p))
+        .collect();
 
     let mut owned: Vec<Pod> = Vec::new();
     for pod in all {
@@ -154,6 +242,13 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
     let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
     let want = spec.replicas.unwrap_or(1).max(0) as usize;
     let mut failure: Option<String> = None;
+    let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
+    if !in_sync {
+        // The cache has not caught up with our last writes: report, do not act. Those
+        // pods' events wake this ReplicaSet again; the requeue is a safety net.
+        update_status(&ctx.client, &rs, &active, None).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if active.len() < want {
         let template = spec.template.clone().unwrap_or_default();
         for _ in 0..(want - active.len()).min(BURST) {
@@ -162,6 +257,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
                 .await
             {
                 Ok(p) => {
+                    created.insert(p.name_any());
                     let msg = format!("Created pod: {}", p.name_any());
                     record_event(
                         &ctx.client,
@@ -204,6 +300,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             };
             match pods.delete(&p.name_any(), &dp).await {
                 Ok(_) => {
+                    deleted.insert(p.name_any());
                     let msg = format!("Deleted pod: {}", p.name_any());
                     record_event(
                         &ctx.client,
@@ -235,6 +332,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
         }
     }
 
+    ctx.expectations.expect(&key, created, deleted);
     update_status(&ctx.client, &rs, &active, failure.as_deref()).await?;
     if let Some(msg) = failure {
         return Err(Error::Other(msg));

@@ -238,7 +238,12 @@ impl Inner {
                 {
                     self.floor.store(evicted.revision, Ordering::SeqCst);
                 }
-                hub.history.push_back(event.clone());
+                // The history keeps its own memo: what live watchers decode is freed when
+                // they are done with it, not kept for the history's length.
+                hub.history.push_back(WatchEvent {
+                    memo: Default::default(),
+                    ..event.clone()
+                });
                 // No receivers is fine.
                 let _ = hub.tx.send(event);
             }
@@ -298,33 +303,18 @@ fn apply(
             }
             kv.insert(key, (value.as_slice(), revision, revision))
                 .map_err(internal)?;
-            WatchEvent {
-                kind: EventKind::Added,
-                key: key.to_owned(),
-                value,
-                revision,
-            }
+            WatchEvent::new(EventKind::Added, key.to_owned(), value, revision)
         }
         Op::Update(value, expected) => {
             let create_revision = check(expected)?.create_revision;
             kv.insert(key, (value.as_slice(), create_revision, revision))
                 .map_err(internal)?;
-            WatchEvent {
-                kind: EventKind::Modified,
-                key: key.to_owned(),
-                value,
-                revision,
-            }
+            WatchEvent::new(EventKind::Modified, key.to_owned(), value, revision)
         }
         Op::Delete(expected) => {
             let last = check(expected)?.value.clone();
             kv.remove(key).map_err(internal)?;
-            WatchEvent {
-                kind: EventKind::Deleted,
-                key: key.to_owned(),
-                value: last,
-                revision,
-            }
+            WatchEvent::new(EventKind::Deleted, key.to_owned(), last, revision)
         }
     };
     Ok((event, prev))

@@ -413,22 +413,22 @@ impl EtcdWatch {
                     continue;
                 }
                 let event = match ev.event_type() {
-                    EventType::Put => WatchEvent {
-                        kind: if kv.create_revision() == kv.mod_revision() {
+                    EventType::Put => WatchEvent::new(
+                        if kv.create_revision() == kv.mod_revision() {
                             EventKind::Added
                         } else {
                             EventKind::Modified
                         },
                         key,
-                        value: kv.value().to_vec(),
+                        kv.value().to_vec(),
                         revision,
-                    },
-                    EventType::Delete => WatchEvent {
-                        kind: EventKind::Deleted,
+                    ),
+                    EventType::Delete => WatchEvent::new(
+                        EventKind::Deleted,
                         key,
-                        value: ev.prev_kv().map(|p| p.value().to_vec()).unwrap_or_default(),
+                        ev.prev_kv().map(|p| p.value().to_vec()).unwrap_or_default(),
                         revision,
-                    },
+                    ),
                 };
                 events.push(event);
             }

@@ -47,15 +47,53 @@ pub enum EventKind {
     Deleted,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WatchEvent {
     pub kind: EventKind,
     pub key: String,
-    /// New value; for `Deleted`, the last value before deletion.
-    pub value: Vec<u8>,
+    /// New value; for `Deleted`, the last value before deletion. Shared (not copied) by
+    /// every watcher's clone of the event.
+    pub value: bytes::Bytes,
     /// Revision of this event (for `Deleted`, the deletion revision).
     pub revision: Revision,
+    /// What a reader derives from this event once for all watchers that receive a clone
+    /// of it (the apiserver keeps the decoded object and its JSON encoding here, so ten
+    /// watchers of pods parse and serialise each pod write once, not ten times).
+    pub memo: EventMemo,
 }
+
+/// See [`WatchEvent::memo`]; empty until the first reader fills it.
+pub type EventMemo =
+    std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>>;
+
+impl WatchEvent {
+    pub fn new(
+        kind: EventKind,
+        key: String,
+        value: impl Into<bytes::Bytes>,
+        revision: Revision,
+    ) -> Self {
+        Self {
+            kind,
+            key,
+            value: value.into(),
+            revision,
+            memo: EventMemo::default(),
+        }
+    }
+}
+
+/// Events are equal when they say the same thing (the memo is a cache).
+impl PartialEq for WatchEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.key == other.key
+            && self.value == other.value
+            && self.revision == other.revision
+    }
+}
+
+impl Eq for WatchEvent {}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StorageError {
