@@ -592,6 +592,105 @@ fn logs_and_exec(c: &Cluster, image: &str, logs: &Path) {
     );
 }
 
+/// Log rotation by the copier (agents run with `--container-log-max-size 16Ki
+/// --container-log-max-files 3`): a pod writes ~75 KB; at most 3 files stay, `kubectl logs`
+/// shows the current file (ending with the last line), and `kubectl logs -f` started
+/// before the output follows it across every rotation without losing a line.
+fn log_rotation(c: &Cluster, image: &str, logs: &Path) {
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: chatty}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: "{image}"
+    command: ["sh", "-c"]
+    args:
+    - |
+      sleep 4
+      pad=$(printf '%0200d' 0)
+      i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo "line-$i $pad"; [ $((i % 10)) = 0 ] && sleep 0.1; done
+      echo done; exec sleep 3600
+"#
+    ));
+    eventually("chatty running", Duration::from_secs(60), || {
+        let p = c.json(&["get", "pod", "chatty"]);
+        (p["status"]["phase"] == "Running").then_some(())
+    });
+    let out_file = c.dir.join("chatty-follow.out");
+    let mut follow = Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .env_remove("KUBECONFIG")
+        .args(["logs", "-f", "chatty"])
+        .stdout(fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl logs -f");
+    let uid = c.json(&["get", "pod", "chatty"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = logs.join(format!("default_chatty_{uid}/c"));
+    let shown = eventually("chatty wrote everything", Duration::from_secs(60), || {
+        let out = c.kubectl(&["logs", "chatty"]);
+        out.ends_with("done\n").then_some(out)
+    });
+    // kubectl logs: the current file only, whole lines, the newest output.
+    let first: Vec<&str> = shown.lines().collect();
+    assert!(
+        first.len() < 300 && first[0].starts_with("line-"),
+        "{} lines, first {:?}",
+        first.len(),
+        first.first()
+    );
+    for l in &first[..first.len() - 1] {
+        assert!(l.starts_with("line-") && l.len() > 200, "{l:?}");
+    }
+    let mut files: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() == 3
+            && files[0] == "0.log"
+            && files[1..].iter().all(|f| f.starts_with("0.log.")),
+        "{}: {files:?}",
+        dir.display()
+    );
+    for f in &files {
+        cri_lines(&dir.join(f));
+    }
+    // kubectl logs -f: every line from line-1 to done, in order.
+    let followed = eventually(
+        "kubectl logs -f reached done",
+        Duration::from_secs(30),
+        || {
+            let s = fs::read_to_string(&out_file).unwrap_or_default();
+            s.ends_with("done\n").then_some(s)
+        },
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let numbers: Vec<u32> = followed
+        .lines()
+        .filter_map(|l| l.strip_prefix("line-")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=300).collect::<Vec<u32>>(),
+        "kubectl logs -f across rotations"
+    );
+    println!(
+        "log rotation: {files:?}, kubectl logs shows {} lines, -f followed all 300",
+        first.len()
+    );
+    c.kubectl(&["delete", "pod", "chatty", "--wait=true", "--timeout=60s"]);
+}
+
 #[link(name = "crypt")]
 unsafe extern "C" {
     fn crypt(key: *const std::ffi::c_char, salt: *const std::ffi::c_char) -> *mut std::ffi::c_char;
@@ -944,6 +1043,13 @@ fn kubelet_end_to_end() {
                 .args(["--insecure-registry", &registry.host()])
                 .args(["--insecure-registry", &auth_registry.host()])
                 .args(["--node-lease-renew-interval", "2", "--sync-frequency", "2"])
+                // Small log files, so that log_rotation sees the copier rotate.
+                .args([
+                    "--container-log-max-size",
+                    "16Ki",
+                    "--container-log-max-files",
+                    "3",
+                ])
                 // Several agents share 127.0.0.1: any free kubelet API port.
                 .args(["--port", "0", "--pod-network", "host-routes"])
                 .args(if node == "agent-1" {
@@ -1098,6 +1204,7 @@ fn kubelet_end_to_end() {
 
     // --- kubectl logs and exec through the apiserver to the agents' kubelet API.
     logs_and_exec(&c, &image, &pod_logs_dir);
+    log_rotation(&c, &image, &pod_logs_dir);
 
     // --- imagePullSecrets.
     pull_secrets(&c, &private_image, &auth_registry.host());

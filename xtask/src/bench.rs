@@ -31,7 +31,7 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
         "skiff-tests",
         "pods",
         "pod create -> Running p50/p99/max on one skiff-agent, agent idle RSS \
-         (args: --pods N (50); needs `cargo build --release -p skiff-agent -p skiff-control --bins`)",
+         (args: --pods N (50); runs the binaries of target/release, which xtask builds first)",
     ),
     (
         "pod-network",
@@ -51,7 +51,7 @@ const BENCHES: &[(&str, &str, &str, &str)] = &[
 ];
 
 /// Benches that start skiff-agent / skiff-control binaries from target/release.
-const NEEDS_RELEASE_BINS: &[&str] = &["pod-network", "programming"];
+const NEEDS_RELEASE_BINS: &[&str] = &["pods", "pod-network", "programming"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {

@@ -269,7 +269,15 @@ pub fn run(args: &Args) -> Result<()> {
         "skiff-hollow-nodes",
     ]);
     if args.nodes > 0 {
-        build.args(["-p", "skiff-agent", "--bin", "skiff-agent"]);
+        // skiff-cri-log: the containers' log copier, found next to skiff-agent.
+        build.args([
+            "-p",
+            "skiff-agent",
+            "--bin",
+            "skiff-agent",
+            "--bin",
+            "skiff-cri-log",
+        ]);
     }
     util::run_cmd("cargo build", &mut build)?;
     let bin = util::root().join("target/debug/skiff-apiserver");

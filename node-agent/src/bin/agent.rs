@@ -6,8 +6,10 @@
 //!  [--bind-address IP] [--manifest-dir DIR] [--pod-logs-dir /var/log/pods]` (as root).
 //! Serves the kubelet API (logs, exec) over HTTPS; runs the static pods of DIR, with
 //! mirror pods in the API. Prints "skiff-agent <node> ready" on stdout once the Node is
-//! registered. The same binary is the per-container log copier the runc shim starts
-//! (`skiff-agent --cri-log FILE`, see skiff_agent::kubelet::cri_log).
+//! registered. Container logs rotate by size (`--container-log-max-size 10Mi`,
+//! `--container-log-max-files 5`). Each container's log copier is the small
+//! `skiff-cri-log` binary next to this one; without it this binary serves as the copier
+//! (`skiff-agent --cri-log FILE ...`, see skiff_agent::kubelet::cri_log).
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -73,6 +75,21 @@ struct Args {
     /// (kube-proxy-shaped rules; for the comparison benchmark). Needs --pod-network ebpf.
     #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
     proxy_mode: ProxyMode,
+    /// Size at which a container's log file is rotated (a quantity: 10Mi, 500Ki, 1G);
+    /// 0 = never. The kubelet's containerLogMaxSize.
+    #[arg(long, default_value = "10Mi", value_parser = parse_log_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container (the current one included, at least 2). The
+    /// kubelet's containerLogMaxFiles.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
+    container_log_max_files: u32,
+}
+
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    skiff_agent::kubelet::pod_status::parse_quantity(s)
+        .filter(|v| *v >= 0.0)
+        .map(|v| v as u64)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 10Mi)"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -116,6 +133,10 @@ async fn agent_main() -> anyhow::Result<()> {
     if let Some(d) = a.bpffs_dir {
         cfg.bpffs_dir = d;
     }
+    cfg.container_log = skiff_agent::kubelet::cri_log::Rotation {
+        max_size: a.container_log_max_size,
+        max_files: a.container_log_max_files as usize,
+    };
     let node = cfg.node_name.clone();
     let run = agent::run(cfg, move || {
         use std::io::Write;

@@ -74,6 +74,9 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// How Services are implemented (`--proxy-mode`).
     pub proxy_mode: ProxyMode,
+    /// Container log rotation (`--container-log-max-size`, `--container-log-max-files`),
+    /// done by each container's log copier, see [`super::cri_log`].
+    pub container_log: super::cri_log::Rotation,
 }
 
 impl AgentConfig {
@@ -97,6 +100,7 @@ impl AgentConfig {
                 .join("skiff")
                 .join(node_name),
             proxy_mode: ProxyMode::Ebpf,
+            container_log: super::cri_log::Rotation::default(),
         }
     }
 }
@@ -116,7 +120,9 @@ pub struct Kubelet {
     /// Pods building their network or creating containers at once (FIFO): many pods at
     /// once then start one after the other at full speed instead of all together at the
     /// end, each waiting on the others for CPU, netlink and containerd.
-    pub start_slots: tokio::sync::Semaphore,
+    /// A pod holds its slot from its network to its containers' start, so the first
+    /// pods are Running before the last ones begin.
+    pub start_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How many pods start at once: twice the CPUs (the work is mostly runc, the shim, `ip`
@@ -243,7 +249,7 @@ pub async fn run(mut cfg: AgentConfig, on_ready: impl FnOnce()) -> anyhow::Resul
         pod_cidr,
         pod_cidr_tx,
         adoptable: Mutex::new(HashMap::new()),
-        start_slots: tokio::sync::Semaphore::new(start_slots()),
+        start_slots: Arc::new(tokio::sync::Semaphore::new(start_slots())),
     });
 
     k.reconnect_runtime_if_needed().await;

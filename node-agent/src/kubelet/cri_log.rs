@@ -5,52 +5,39 @@
 //! 16 KiB; the rest follows in the next line).
 //!
 //! Who writes: a small log copier per container, started by containerd's runc shim
-//! through `binary://` task IO (the shim runs `<agent binary> --cri-log <file>` with the
-//! container's stdout and stderr pipes as fds 3 and 4 and a ready pipe as fd 5, which the
-//! copier closes once its file is open). The copier is the shim's child, not the
+//! through `binary://` task IO (the shim runs `skiff-cri-log --cri-log <file>
+//! --max-size <bytes> --max-files <n>` with the container's stdout and stderr pipes as
+//! fds 3 and 4 and a ready pipe as fd 5, which the copier closes once its file is open).
+//! The copier ([`copier`], std only) is its own small binary next to `skiff-agent`;
+//! when that is missing the agent binary itself serves (`skiff-agent --cri-log ...`,
+//! slower to start, with a warning). The copier is the shim's child, not the
 //! agent's, so logs keep flowing while the agent is stopped or restarted — the same
 //! reason containerd's CRI plugin, not the kubelet, owns the log writer in Kubernetes.
 //! The alternatives were weighed: the agent reading FIFOs loses (and, with full pipes,
 //! blocks) output while it is down; `file://` IO to a raw file with conversion on read
 //! has no per-line times (`--timestamps`, `--since-time` would be guesses) and no
 //! stdout/stderr split. The copier stamps each line when it reads it (what containerd
-//! does) and ends when the container's pipes close.
+//! does), rotates the file by size (`--container-log-max-size`,
+//! `--container-log-max-files`; see [`copier`]) and ends when the container's pipes close.
 //!
 //! Who reads: the kubelet API's containerLogs ([`super::server`]) with [`parse_line`] and
 //! [`LogFormatter`]: messages only, `timestamps` from the lines' own times, `sinceTime`
-//! per line.
+//! per line; the current file only (as the kubelet), a follow reopens the path after a
+//! rotation.
+
+pub mod copier;
 
 use std::{
-    fs::{File, OpenOptions},
-    io::{Read, Write},
-    os::fd::FromRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::OnceLock,
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-/// The argument that makes the agent binary a log copier.
-pub const COPIER_FLAG: &str = "--cri-log";
+pub use copier::{COPIER_FLAG, MAX_LINE, Rotation, Stream};
 
-/// Longest message of one line; longer output lines are split into P lines.
-pub const MAX_LINE: usize = 16 * 1024;
-
-/// Output stream of a log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-}
+/// The copier binary, installed next to `skiff-agent`.
+pub const COPIER_BIN: &str = "skiff-cri-log";
 
 /// One parsed line of a CRI log file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,7 +178,7 @@ impl LogFormatter {
 // ------------------------------------------------------------------ the copier side
 
 /// The `binary://` task IO URI that runs `exe` as the log copier of `file`.
-pub fn copier_uri(exe: &Path, file: &Path) -> String {
+pub fn copier_uri(exe: &Path, file: &Path, rotation: Rotation) -> String {
     fn enc(s: &str, keep_slash: bool) -> String {
         let mut o = String::with_capacity(s.len());
         for b in s.bytes() {
@@ -204,117 +191,69 @@ pub fn copier_uri(exe: &Path, file: &Path) -> String {
         o
     }
     format!(
-        "binary://{}?{}={}",
+        "binary://{}?{}={}&{}={}&{}={}",
         enc(&exe.display().to_string(), true),
         COPIER_FLAG,
-        enc(&file.display().to_string(), false)
+        enc(&file.display().to_string(), false),
+        copier::MAX_SIZE_FLAG,
+        rotation.max_size,
+        copier::MAX_FILES_FLAG,
+        rotation.max_files,
     )
 }
 
-/// The agent's own binary (for [`copier_uri`]); a binary replaced on disk while the
-/// agent runs shows as `<path> (deleted)`, the path then names the new one.
+/// The agent's own binary; a binary replaced on disk while the agent runs shows as
+/// `<path> (deleted)`, the path then names the new one.
 pub fn agent_exe() -> std::io::Result<PathBuf> {
     let p = std::env::current_exe()?;
     let s = p.display().to_string();
     Ok(s.strip_suffix(" (deleted)").map(PathBuf::from).unwrap_or(p))
 }
 
-/// If this process was started as a log copier (`<binary> --cri-log <file>`), runs it
-/// and returns its exit code.
-pub fn copier_from_args() -> Option<i32> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() == 3 && args[1] == COPIER_FLAG {
-        return Some(run_copier(Path::new(&args[2])));
-    }
-    None
-}
-
-/// Copies the shim's stdout (fd 3) and stderr (fd 4) pipes into `file` as CRI lines
-/// until both end; closes the ready pipe (fd 5) once the file is open.
-pub fn run_copier(file: &Path) -> i32 {
-    // SAFETY: the runc shim starts the copier with exactly these descriptors open
-    // (stdout and stderr read ends, the ready pipe's write end) and nothing else in this
-    // process owns them.
-    let (out, err, ready) = unsafe {
-        (
-            File::from_raw_fd(3),
-            File::from_raw_fd(4),
-            File::from_raw_fd(5),
-        )
-    };
-    if let Some(d) = file.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    let sink: Option<File> = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-        .inspect_err(|e| eprintln!("skiff log copier: {}: {e}", file.display()))
-        .ok();
-    drop(ready);
-    let sink = Arc::new(Mutex::new(sink));
-    let threads: Vec<_> = [(out, Stream::Stdout), (err, Stream::Stderr)]
-        .into_iter()
-        .map(|(r, stream)| {
-            let sink = sink.clone();
-            std::thread::spawn(move || copy_stream(r, stream, &sink))
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
-    0
-}
-
-/// The lines of one stream; output without a newline waits for more unless it reached
-/// [`MAX_LINE`] (a P line) or the stream ended (an F line).
-pub fn copy_stream(mut r: impl Read, stream: Stream, sink: &Mutex<Option<File>>) {
-    let mut buf: Vec<u8> = Vec::with_capacity(MAX_LINE);
-    let mut chunk = vec![0u8; 32 * 1024];
-    let write = |lines: &[u8]| {
-        if let Ok(mut g) = sink.lock()
-            && let Some(f) = g.as_mut()
-        {
-            let _ = f.write_all(lines);
-        }
-    };
-    loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let now = Utc::now();
-        let mut lines = Vec::new();
-        let mut start = 0;
-        loop {
-            let rest = &buf[start..];
-            match rest.iter().position(|b| *b == b'\n') {
-                Some(i) if i <= MAX_LINE => {
-                    lines.extend(format_line(now, stream, false, &rest[..i]));
-                    start += i + 1;
-                }
-                _ if rest.len() >= MAX_LINE => {
-                    lines.extend(format_line(now, stream, true, &rest[..MAX_LINE]));
-                    start += MAX_LINE;
-                }
-                _ => break,
+/// The program the shim runs as log copier: [`COPIER_BIN`] next to the agent's binary,
+/// else (with one warning) the agent binary itself. Decided once per agent process.
+pub fn copier_program() -> std::io::Result<PathBuf> {
+    static PROGRAM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PROGRAM
+        .get_or_init(|| {
+            let exe = agent_exe().map_err(|e| format!("own binary: {e}"))?;
+            let copier = exe.with_file_name(COPIER_BIN);
+            if copier.is_file() {
+                return Ok(copier);
             }
-        }
-        buf.drain(..start);
-        if !lines.is_empty() {
-            write(&lines);
-        }
+            tracing::warn!(
+                "log copier {} is missing (build it with `cargo build -p skiff-agent --bins`, \
+                 install it next to skiff-agent): containers log through `{} {COPIER_FLAG}`, \
+                 which starts slower",
+                copier.display(),
+                exe.display()
+            );
+            Ok(exe)
+        })
+        .clone()
+        .map_err(std::io::Error::other)
+}
+
+/// If this process was started as a log copier (`<binary> --cri-log <file> ...`), runs
+/// it and returns its exit code.
+pub fn copier_from_args() -> Option<i32> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().step_by(2).any(|a| a == COPIER_FLAG) {
+        return None;
     }
-    if !buf.is_empty() {
-        write(&format_line(Utc::now(), stream, false, &buf));
-    }
+    Some(match copier::parse_args(&args) {
+        Ok(a) => copier::run_from_shim(&a),
+        Err(e) => {
+            eprintln!("skiff log copier: {e}");
+            2
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     fn t(s: &str) -> DateTime<Utc> {
@@ -386,25 +325,35 @@ mod tests {
         );
     }
 
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("skiff-cri-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn read_lines(text: &[u8]) -> Vec<CriLine<'_>> {
+        text.strip_suffix(b"\n")
+            .unwrap_or(text)
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| parse_line(l).expect("CRI line"))
+            .collect()
+    }
+
     #[test]
     fn copier_lines() {
-        let dir = std::env::temp_dir().join(format!("skiff-cri-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("lines");
         let path = dir.join("0.log");
-        let sink = Mutex::new(Some(File::create(&path).unwrap()));
+        let sink = Mutex::new(copier::Sink::open(&path, Rotation::default()).unwrap());
         let long = vec![b'x'; MAX_LINE + 10];
         let mut input = b"a\nbc\n".to_vec();
         input.extend_from_slice(&long);
         input.extend_from_slice(b"\nend-without-newline");
-        copy_stream(&input[..], Stream::Stdout, &sink);
+        copier::copy_stream(&input[..], Stream::Stdout, &sink);
         drop(sink);
         let text = std::fs::read(&path).unwrap();
-        let lines: Vec<CriLine> = text
-            .strip_suffix(b"\n")
-            .unwrap()
-            .split(|b| *b == b'\n')
-            .map(|l| parse_line(l).expect("CRI line"))
-            .collect();
+        let lines = read_lines(&text);
         let msgs: Vec<(bool, usize)> = lines.iter().map(|l| (l.partial, l.message.len())).collect();
         assert_eq!(
             msgs,
@@ -423,10 +372,138 @@ mod tests {
         let uri = copier_uri(
             Path::new("/usr/bin/skiff agent"),
             Path::new("/var/log/pods/a_b c/0.log"),
+            Rotation::default(),
         );
         assert_eq!(
             uri,
-            "binary:///usr/bin/skiff%20agent?--cri-log=%2Fvar%2Flog%2Fpods%2Fa_b%20c%2F0.log"
+            "binary:///usr/bin/skiff%20agent?--cri-log=%2Fvar%2Flog%2Fpods%2Fa_b%20c%2F0.log\
+             &--max-size=10485760&--max-files=5"
         );
+    }
+
+    #[test]
+    fn copier_time_format_matches_chrono() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        for (secs, nanos) in [
+            (0u64, 0u32),
+            (951_782_400, 1), // 2000-02-29
+            (1_798_761_599, 999_999_999),
+            (1_795_734_081, 120_000_000),
+            (4_102_444_800, 500),         // 2100-01-01
+            (1_709_164_800, 669_794_202), // 2024-02-29
+        ] {
+            let t = UNIX_EPOCH + Duration::new(secs, nanos);
+            let c: DateTime<Utc> = t.into();
+            assert_eq!(copier::rfc3339_nano(t), rfc3339_nano(c), "{secs}.{nanos}");
+            assert_eq!(
+                copier::rotation_suffix(t),
+                c.format("%Y%m%d-%H%M%S.%9f").to_string()
+            );
+        }
+        let now = SystemTime::now();
+        assert_eq!(copier::rfc3339_nano(now), rfc3339_nano(now.into()));
+    }
+
+    #[test]
+    fn copier_args() {
+        let a =
+            |v: &[&str]| copier::parse_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // containerd passes the URI query as a Go map: any order.
+        let p = a(&[
+            "--max-files",
+            "3",
+            "--cri-log",
+            "/l/0.log",
+            "--max-size",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(p.file, PathBuf::from("/l/0.log"));
+        assert_eq!(
+            p.rotation,
+            Rotation {
+                max_size: 100,
+                max_files: 3
+            }
+        );
+        // Older agents: the file only, never rotated.
+        assert_eq!(a(&["--cri-log", "/l/0.log"]).unwrap().rotation.max_size, 0);
+        assert!(a(&["--max-size", "1"]).is_err());
+        assert!(a(&["--cri-log"]).is_err());
+        assert!(a(&["--cri-log", "f", "--bogus", "1"]).is_err());
+        assert!(a(&["--cri-log", "f", "--max-size", "10Mi"]).is_err());
+    }
+
+    /// More than max-size through the copier: the file rotates, at most max-files stay,
+    /// nothing is lost in between, the current file holds the newest lines and reads as a
+    /// log on its own.
+    #[test]
+    fn copier_rotates_by_size() {
+        let dir = temp_dir("rotate");
+        let path = dir.join("0.log");
+        // An older attempt's files are left alone.
+        std::fs::write(dir.join("10.log"), b"").unwrap();
+        std::fs::write(dir.join("10.log.20200101-000000.000000000"), b"").unwrap();
+        let rotation = Rotation {
+            max_size: 4096,
+            max_files: 3,
+        };
+        let sink = Mutex::new(copier::Sink::open(&path, rotation).unwrap());
+        // 1000 lines of ~60 bytes (with the CRI prefix), in reads of 7 lines, through a
+        // pipe-like reader that hands out small chunks.
+        struct Chunks(Vec<Vec<u8>>);
+        impl std::io::Read for Chunks {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let Some(c) = self.0.first_mut() else {
+                    return Ok(0);
+                };
+                let n = c.len().min(buf.len());
+                buf[..n].copy_from_slice(&c[..n]);
+                c.drain(..n);
+                if c.is_empty() {
+                    self.0.remove(0);
+                }
+                Ok(n)
+            }
+        }
+        let all: Vec<String> = (0..1000).map(|i| format!("line {i:05}")).collect();
+        let chunks = all
+            .chunks(7)
+            .map(|c| {
+                c.iter()
+                    .flat_map(|l| format!("{l}\n").into_bytes())
+                    .collect()
+            })
+            .collect();
+        copier::copy_stream(Chunks(chunks), Stream::Stdout, &sink);
+        drop(sink);
+        let rotated = copier::rotated_files(&path);
+        assert_eq!(rotated.len(), 2, "{rotated:?}");
+        assert!(dir.join("10.log.20200101-000000.000000000").exists());
+        // Every file holds whole lines and stays around max-size.
+        let mut kept = vec![];
+        for f in rotated.iter().chain([&path]) {
+            let text = std::fs::read(f).unwrap();
+            assert!(text.len() < 4096 + 1024, "{}: {}", f.display(), text.len());
+            kept.extend(
+                read_lines(&text)
+                    .iter()
+                    .map(|l| String::from_utf8(l.message.to_vec()).unwrap()),
+            );
+        }
+        // What is kept is the newest part of the output, in order, without gaps.
+        assert!(kept.len() > 100, "{}", kept.len());
+        assert_eq!(kept[..], all[all.len() - kept.len()..]);
+        // The current file reads on its own (what kubectl logs shows).
+        let current = std::fs::read(&path).unwrap();
+        let (o, _) = LogFormatter::new(false, None, None).feed(&current, Utc::now());
+        let shown = String::from_utf8(o).unwrap();
+        assert!(shown.ends_with("line 00999\n"), "{shown}");
+        // The copier reopened after rotating: a second copier appends to the same file.
+        let before = current.len();
+        let sink = Mutex::new(copier::Sink::open(&path, rotation).unwrap());
+        copier::copy_stream(&b"more\n"[..], Stream::Stderr, &sink);
+        assert!(std::fs::read(&path).unwrap().len() > before);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

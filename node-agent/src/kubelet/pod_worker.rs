@@ -171,6 +171,9 @@ struct Worker {
     terminal: Option<&'static str>,
     net_released: bool,
     next_wake: Option<Instant>,
+    /// The pod's start slot ([`Kubelet::start_slots`]), held from the network setup to
+    /// the containers' start (released while an image is pulled and after each sync).
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Runs the worker of pod `uid` until the pod is deleted and cleaned up.
@@ -197,6 +200,7 @@ pub async fn run(k: Arc<Kubelet>, uid: String, mut rx: watch::Receiver<Option<Po
         terminal: None,
         net_released: false,
         next_wake: None,
+        slot: None,
     };
     w.adopt().await;
     loop {
@@ -227,6 +231,7 @@ pub async fn run(k: Arc<Kubelet>, uid: String, mut rx: watch::Receiver<Option<Po
         }
         w.next_wake = None;
         w.sync().await;
+        w.slot = None;
         let mut sleep = w.k.cfg.resync;
         if let Some(t) = w.next_wake {
             sleep =
@@ -562,7 +567,7 @@ impl Worker {
         }
         let cidr = (*self.k.pod_cidr.borrow())
             .ok_or_else(|| format!("node {} has no podCIDR yet", self.k.cfg.node_name))?;
-        let _slot = self.k.start_slots.acquire().await;
+        self.take_slot().await;
         let k = self.k.clone();
         let uid = self.uid.clone();
         let net = tokio::task::spawn_blocking(move || k.networks.setup(&uid, cidr))
@@ -571,6 +576,13 @@ impl Worker {
         tracing::info!(pod = %self.name(), "network {} {} ip {}", net.netns, net.host_veth, net.ip);
         self.net = Some(net);
         Ok(())
+    }
+
+    /// Waits for a start slot (FIFO) unless the pod holds one.
+    async fn take_slot(&mut self) {
+        if self.slot.is_none() {
+            self.slot = self.k.start_slots.clone().acquire_owned().await.ok();
+        }
     }
 
     async fn sync(&mut self) {
@@ -622,6 +634,8 @@ impl Worker {
                 return;
             }
             self.reconcile(&rt).await;
+            // The next pod may start while this one's status is written.
+            self.slot = None;
             self.watch_running(&rt);
         }
         self.write_status().await;
@@ -836,6 +850,8 @@ impl Worker {
         let policy = pull_policy(spec);
         let present = matches!(rt.image(&image).await, Ok(Some(_)));
         if policy == PullPolicy::Always || !present {
+            // No start slot while pulling: other pods' starts do not wait for a registry.
+            self.slot = None;
             self.event("Normal", "Pulling", format!("Pulling image \"{image}\""));
             if self.last_status.is_none() {
                 // Show ContainerCreating while the image is pulled (with the image at
@@ -960,16 +976,21 @@ impl Worker {
         // The log of this attempt and the previous one are kept (as the kubelet keeps one
         // dead container per container).
         if let Some(old) = attempt.checked_sub(2) {
-            let _ = std::fs::remove_file(log_dir.join(format!("{old}.log")));
+            let old = log_dir.join(format!("{old}.log"));
+            for f in cri_log::copier::rotated_files(&old) {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_file(old);
         }
         let log_file = log_dir.join(format!("{attempt}.log"));
-        let io = match cri_log::agent_exe() {
-            Ok(exe) => TaskIo::Uri(cri_log::copier_uri(&exe, &log_file)),
+        let io = match cri_log::copier_program() {
+            Ok(exe) => TaskIo::Uri(cri_log::copier_uri(
+                &exe,
+                &log_file,
+                self.k.cfg.container_log,
+            )),
             Err(e) => {
-                tracing::warn!(
-                    "no log copier (own binary: {e}); raw logs in {}",
-                    log_file.display()
-                );
+                tracing::warn!("no log copier ({e}); raw logs in {}", log_file.display());
                 TaskIo::File(log_file)
             }
         };
@@ -1007,9 +1028,10 @@ impl Worker {
             (LABEL_INIT.to_string(), init.to_string()),
             (LABEL_STARTED_AT.to_string(), started_at.0.to_string()),
         ]);
-        let slot = self.k.start_slots.acquire().await;
+        // All containers of the pod in one runc shim (as the CRI plugin does per sandbox).
+        cfg.shim_group = Some(format!("skiff-pod-{}", self.uid));
+        self.take_slot().await;
         let r = rt.run_container(&cfg).await;
-        drop(slot);
         let c = self.ctrs.entry(name.clone()).or_default();
         c.attempt = attempt;
         if restarting || r.is_err() {

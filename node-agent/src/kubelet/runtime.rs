@@ -185,7 +185,15 @@ pub struct ContainerConfig {
     pub resources: Option<LinuxResources>,
     /// Labels on the container record (e.g. pod uid, container name, restart count).
     pub labels: HashMap<String, String>,
+    /// Containers with the same shim group share one runc shim process (the OCI
+    /// annotation [`SHIM_GROUP_ANNOTATION`] the shim reads at start, as containerd's CRI
+    /// plugin groups a pod's containers by sandbox id). None = a shim of its own.
+    pub shim_group: Option<String>,
 }
+
+/// The OCI annotation containerd-shim-runc-v2 groups containers by: a container whose
+/// spec has it joins the running shim of its group instead of starting a new one.
+pub const SHIM_GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
 impl ContainerConfig {
     /// A config with defaults: image command, no extra env, new netns, no labels.
@@ -209,6 +217,7 @@ impl ContainerConfig {
             mounts: vec![],
             resources: None,
             labels: HashMap::new(),
+            shim_group: None,
         }
     }
 }
@@ -1750,7 +1759,11 @@ pub fn build_spec(cfg: &ContainerConfig, image: &ImageConfig) -> Result<Spec> {
     ));
     spec.set_mounts(Some(mounts));
     spec.set_linux(Some(linux));
-    spec.set_annotations(None);
+    spec.set_annotations(
+        cfg.shim_group
+            .as_ref()
+            .map(|g| HashMap::from([(SHIM_GROUP_ANNOTATION.to_string(), g.clone())])),
+    );
     Ok(spec)
 }
 

@@ -488,7 +488,7 @@ async fn logs_response(
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let follow = opts.follow && running;
     tokio::spawn(async move {
-        if let Err(e) = stream_log(&k, file, &id, &opts, follow, &tx).await {
+        if let Err(e) = stream_log(&k, file, &path, &id, &opts, follow, &tx).await {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -499,6 +499,7 @@ async fn logs_response(
 async fn stream_log(
     k: &Kubelet,
     mut file: tokio::fs::File,
+    path: &std::path::Path,
     id: &str,
     opts: &LogOptions,
     follow: bool,
@@ -544,6 +545,9 @@ async fn stream_log(
         } else {
             false
         };
+        // The copier renames the file only after its last write to it: once the path names
+        // a new file, reading the old one to its end below misses nothing of it.
+        let rotated_away = rotated(&file, path).await;
         file.seek(std::io::SeekFrom::Start(pos)).await?;
         loop {
             let n = file.read(&mut buf).await?;
@@ -556,9 +560,24 @@ async fn stream_log(
                 return Ok(());
             }
         }
+        // The copier rotated the file: go on with the new file at the path.
+        if rotated_away && let Ok(f) = tokio::fs::File::open(path).await {
+            file = f;
+            pos = 0;
+            continue;
+        }
         if ended {
             return Ok(());
         }
+    }
+}
+
+/// Whether `path` now names another file than `file` (the log was rotated).
+async fn rotated(file: &tokio::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata().await, tokio::fs::metadata(path).await) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) != (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
