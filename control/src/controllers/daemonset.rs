@@ -30,6 +30,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::shared_pods::SharedPods;
 use super::{
     Backoff, ControllerConfig, Error, Result, done_unless_error, is_not_found, key_of, record_event,
 };
@@ -46,12 +47,12 @@ pub struct Ctx {
     backoff: Backoff,
 }
 
-pub async fn run(client: Client, _cfg: ControllerConfig) {
+pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
     let ds_api: Api<DaemonSet> = Api::all(client.clone());
     let ctrl = Controller::new(ds_api, watcher::Config::default());
     let store = ctrl.store();
     let ctrl = ctrl
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .owns_stream(pods.events())
         // A node coming, going or changing labels/taints concerns every DaemonSet.
         .watches(
             Api::<Node>::all(client.clone()),

@@ -27,6 +27,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
+use super::shared_pods::SharedPods;
 use super::{Backoff, ControllerConfig, Error, Result, done_unless_error, is_conflict, key_of};
 use crate::objects::is_ready;
 
@@ -224,18 +225,14 @@ pub struct Ctx {
     membership: Arc<Membership>,
 }
 
-pub async fn run(client: Client, _cfg: ControllerConfig) {
+pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
     let svc_api: Api<Service> = Api::all(client.clone());
     let ctrl = Controller::new(svc_api, watcher::Config::default());
     let store = ctrl.store();
     let membership = Arc::new(Membership::default());
     let m = membership.clone();
     let ctrl = ctrl
-        .watches(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default(),
-            move |pod: Pod| m.services_for(&pod, &store),
-        )
+        .watches_stream(pods.events(), move |pod: Pod| m.services_for(&pod, &store))
         // Someone editing or deleting an Endpoints object gets it put back.
         .watches(
             Api::<Endpoints>::all(client.clone()),

@@ -21,6 +21,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
 use super::endpoints::{Backend, Membership, ResolvedPort, current_backends};
+use super::shared_pods::SharedPods;
 use super::{Backoff, ControllerConfig, Error, Result, done_unless_error, key_of};
 
 const COMPONENT: &str = "endpointslice-controller";
@@ -36,7 +37,7 @@ pub struct Ctx {
     membership: Arc<Membership>,
 }
 
-pub async fn run(client: Client, _cfg: ControllerConfig) {
+pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
     let svc_api: Api<Service> = Api::all(client.clone());
     let ctrl = Controller::new(svc_api, watcher::Config::default());
     let store = ctrl.store();
@@ -44,11 +45,7 @@ pub async fn run(client: Client, _cfg: ControllerConfig) {
     let m = membership.clone();
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let ctrl = ctrl
-        .watches(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default(),
-            move |pod: Pod| m.services_for(&pod, &store),
-        )
+        .watches_stream(pods.events(), move |pod: Pod| m.services_for(&pod, &store))
         // Our slices changed by someone else are put back.
         .owns(Api::<EndpointSlice>::all(client.clone()), managed);
     let ctx = Arc::new(Ctx {

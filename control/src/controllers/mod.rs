@@ -15,6 +15,7 @@ pub mod node_lifecycle;
 pub mod replicaset;
 pub mod service_lb;
 pub mod serviceaccount;
+pub mod shared_pods;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -139,16 +140,19 @@ impl Default for ControllerConfig {
 
 /// Runs every controller until the first one stops (which only happens on shutdown).
 pub async fn run_all(client: Client, cfg: ControllerConfig) {
+    // One pod watch and cache for every controller that looks at pods.
+    let pods = shared_pods::SharedPods::new(client.clone());
     tokio::select! {
-        _ = replicaset::run(client.clone()) => {}
+        _ = pods.run() => {}
+        _ = replicaset::run(client.clone(), pods.clone()) => {}
         _ = namespace::run(client.clone()) => {}
         _ = serviceaccount::run(client.clone()) => {}
         _ = garbage_collector::run(client.clone()) => {}
         _ = deployment::run(client.clone(), cfg.clone()) => {}
-        _ = daemonset::run(client.clone(), cfg.clone()) => {}
-        _ = endpoints::run(client.clone(), cfg.clone()) => {}
-        _ = endpointslice::run(client.clone(), cfg.clone()) => {}
-        _ = node_lifecycle::run(client.clone(), cfg.clone()) => {}
+        _ = daemonset::run(client.clone(), cfg.clone(), pods.clone()) => {}
+        _ = endpoints::run(client.clone(), cfg.clone(), pods.clone()) => {}
+        _ = endpointslice::run(client.clone(), cfg.clone(), pods.clone()) => {}
+        _ = node_lifecycle::run(client.clone(), cfg.clone(), pods.clone()) => {}
         _ = node_ipam::run(client.clone(), cfg.clone()) => {}
         _ = service_lb::run(client.clone(), cfg.clone()) => {}
     }

@@ -30,6 +30,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::shared_pods::SharedPods;
 use super::{
     Backoff, ControllerConfig, Error, Result, done_unless_error, is_not_found, key_of, now,
     now_timestamp, record_event,
@@ -342,13 +343,12 @@ impl Ctx {
     }
 }
 
-pub async fn run(client: Client, cfg: ControllerConfig) {
+pub async fn run(client: Client, cfg: ControllerConfig, shared_pods: Arc<SharedPods>) {
     if let Err(e) = validate(&cfg) {
         tracing::error!("node lifecycle controller disabled: {e}");
         return std::future::pending().await;
     }
     let nodes: Api<Node> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let (lease_store, lease_writer) = reflector::store();
     let lease_events = reflector::reflector(
@@ -364,7 +364,7 @@ pub async fn run(client: Client, cfg: ControllerConfig) {
         .watches_stream(lease_events, |l: Lease| Some(ObjectRef::new(&l.name_any())))
         // A pod landing on (or changing on) an unhealthy node needs a decision. Healthy
         // nodes are not woken by their pods.
-        .watches(pods, watcher::Config::default(), move |p: Pod| {
+        .watches_stream(shared_pods.events(), move |p: Pod| {
             let node = p.spec.as_ref().and_then(|s| s.node_name.clone())?;
             let r = ObjectRef::new(&node);
             node_store

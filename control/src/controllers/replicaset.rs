@@ -19,8 +19,10 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+
+use super::shared_pods::SharedPods;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -98,15 +100,10 @@ impl Expectations {
     }
 }
 
-pub async fn run(client: Client) {
+pub async fn run(client: Client, shared_pods: Arc<SharedPods>) {
     let rs_api: Api<ReplicaSet> = Api::all(client.clone());
-    let pod_api: Api<Pod> = Api::all(client.clone());
-    let (pods, pod_writer) = reflector::store();
-    let pod_events = reflector::reflector(
-        pod_writer,
-        watcher(pod_api, watcher::Config::default()).default_backoff(),
-    )
-    .touched_objects();
+    let pods = shared_pods.store();
+    let pod_events = shared_pods.events();
     let ctrl = Controller::new(rs_api, watcher::Config::default());
     let store = ctrl.store();
     // One pod watch serves both triggers: the controlling ReplicaSet, or for an orphan
@@ -204,8 +201,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
         .await
         .map_err(|e| Error::Other(format!("pod cache: {e}")))?;
     let in_sync = ctx.expectations.satisfied(&key, &ctx.pods, &ns);
-    // Only the pods this ReplicaSet controls or could adopt (cloned: the loop may patch).
-    let all: Vec<Pod> = ctx
+    // Only the pods this ReplicaSet controls or could adopt (shared with the cache, not
+    // copied: a reconcile runs on every pod event).
+    let all: Vec<Arc<Pod>> = ctx
         .pods
         .state()
         .into_iter()
@@ -214,10 +212,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Some(o) => o.uid == uid,
             None => selector_matches(&Some(&spec.selector), p.labels()),
         })
-        .map(|p| Pod::clone(&p))
         .collect();
 
-    let mut owned: Vec<Pod> = Vec::new();
+    let mut owned: Vec<Arc<Pod>> = Vec::new();
     for pod in all {
         let matches = selector_matches(&Some(&spec.selector), pod.labels());
         match controller_ref(&pod.metadata) {
@@ -232,14 +229,14 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             Some(_) => {}
             None if matches && pod.metadata.deletion_timestamp.is_none() => {
                 if let Some(p) = adopt(&pods, &pod, &rs).await? {
-                    owned.push(p);
+                    owned.push(Arc::new(p));
                 }
             }
             None => {}
         }
     }
 
-    let mut active: Vec<Pod> = owned.iter().filter(|p| is_active(p)).cloned().collect();
+    let mut active: Vec<Arc<Pod>> = owned.iter().filter(|p| is_active(p)).cloned().collect();
     let want = spec.replicas.unwrap_or(1).max(0) as usize;
     let mut failure: Option<String> = None;
     let (mut created, mut deleted) = (HashSet::new(), HashSet::new());
@@ -268,7 +265,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
                         &msg,
                     )
                     .await;
-                    active.push(p);
+                    active.push(Arc::new(p));
                 }
                 Err(e) => {
                     let msg = format!("Error creating: {e}");
@@ -287,9 +284,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
             }
         }
     } else if active.len() > want {
-        active.sort_by_key(deletion_rank);
+        active.sort_by_key(|p| deletion_rank(p));
         let surplus = (active.len() - want).min(BURST);
-        let victims: Vec<Pod> = active.drain(..surplus).collect();
+        let victims: Vec<Arc<Pod>> = active.drain(..surplus).collect();
         for p in victims {
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -347,7 +344,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
 }
 
 /// How long until the next ready-but-not-yet-available pod passes minReadySeconds.
-fn next_available_in(rs: &ReplicaSet, active: &[Pod]) -> Option<Duration> {
+fn next_available_in(rs: &ReplicaSet, active: &[Arc<Pod>]) -> Option<Duration> {
     let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
     if min_ready <= 0 {
         return None;
@@ -356,7 +353,7 @@ fn next_available_in(rs: &ReplicaSet, active: &[Pod]) -> Option<Duration> {
     active
         .iter()
         .filter(|p| is_ready(p))
-        .filter_map(ready_since)
+        .filter_map(|p| ready_since(p))
         .map(|t| t.as_second() + i64::from(min_ready) - now)
         .filter(|left| *left >= 0)
         .min()
@@ -412,7 +409,7 @@ async fn release(pods: &Api<Pod>, pod: &Pod, uid: &str) -> Result<()> {
 async fn update_status(
     client: &Client,
     rs: &ReplicaSet,
-    active: &[Pod],
+    active: &[Arc<Pod>],
     failure: Option<&str>,
 ) -> Result<()> {
     let spec = rs.spec.clone();
@@ -430,7 +427,11 @@ async fn update_status(
                 .all(|(k, v)| p.labels().get(k) == Some(v))
         })
         .count();
-    let ready: Vec<&Pod> = active.iter().filter(|p| is_ready(p)).collect();
+    let ready: Vec<&Pod> = active
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| is_ready(p))
+        .collect();
     let min_ready = Duration::from_secs(spec.min_ready_seconds.unwrap_or(0).max(0) as u64);
     let now = super::now_timestamp();
     let available = ready

@@ -1,0 +1,90 @@
+//! One pod watch for the whole controller-manager, as client-go's shared informers: each
+//! pod event is decoded and cached once, then handed to every controller that watches
+//! pods. Separate watches per controller meant every pod write was decoded and copied
+//! into a cache five times (most of the controller-manager's CPU while the scheduler binds
+//! hundreds of pods a second), and the apiserver served five more pod watches.
+//!
+//! Controllers take `events()` as a trigger stream (`Controller::watches_stream`) and may
+//! read `store()` instead of listing pods from the apiserver.
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::broadcast;
+
+/// Pod changes buffered per subscriber before it counts as lagging (it then gets every
+/// cached pod as a trigger instead, which level-triggered controllers take in stride).
+const BUFFER: usize = 16_384;
+
+pub struct SharedPods {
+    client: Client,
+    store: Store<Pod>,
+    writer: std::sync::Mutex<Option<reflector::store::Writer<Pod>>>,
+    changes: broadcast::Sender<Arc<Pod>>,
+}
+
+impl SharedPods {
+    pub fn new(client: Client) -> Arc<Self> {
+        let (store, writer) = reflector::store();
+        let (changes, _) = broadcast::channel(BUFFER);
+        Arc::new(Self {
+            client,
+            store,
+            writer: std::sync::Mutex::new(Some(writer)),
+            changes,
+        })
+    }
+
+    /// The pod cache (ready after the first full list: `Store::wait_until_ready`).
+    pub fn store(&self) -> Store<Pod> {
+        self.store.clone()
+    }
+
+    /// Every pod that is added, changes or is deleted from now on (the deleted pod's last
+    /// state), for `Controller::watches_stream` / `owns_stream`.
+    pub fn events(&self) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send + 'static {
+        let rx = self.changes.subscribe();
+        let store = self.store.clone();
+        futures::stream::unfold((rx, store), |(mut rx, store)| async move {
+            let batch: Vec<Result<Pod, watcher::Error>> = match rx.recv().await {
+                Ok(pod) => vec![Ok(Pod::clone(&pod))],
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        "a controller fell {n} pod events behind; waking it for every pod"
+                    );
+                    store.state().iter().map(|p| Ok(Pod::clone(p))).collect()
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((futures::stream::iter(batch), (rx, store)))
+        })
+        .flatten()
+    }
+
+    /// Runs the watch, filling the cache and fanning changes out; returns only if called
+    /// twice (the second call has nothing to drive).
+    pub async fn run(&self) {
+        let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let mut changes = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
+        .touched_objects()
+        .boxed();
+        while let Some(change) = changes.next().await {
+            match change {
+                // No subscribers is fine.
+                Ok(pod) => drop(self.changes.send(Arc::new(pod))),
+                Err(e) => tracing::warn!("pod watch: {e}"),
+            }
+        }
+    }
+}
