@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -57,21 +57,6 @@ pub struct ResolvedPort {
     pub app_protocol: Option<String>,
 }
 
-/// The Service's selector as a labelSelector query ("a=b,c=d"); None for a Service
-/// without one (its endpoints are managed by hand).
-pub fn selector_query(svc: &Service) -> Option<String> {
-    let sel = svc.spec.as_ref()?.selector.as_ref()?;
-    if sel.is_empty() {
-        return None;
-    }
-    Some(
-        sel.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-    )
-}
-
 /// The port a Service port reaches on this pod: a number as is, a name through the
 /// pod's container ports.
 fn resolve_port(sp: &ServicePort, pod: &Pod) -> Option<i32> {
@@ -97,12 +82,12 @@ fn resolve_port(sp: &ServicePort, pod: &Pod) -> Option<i32> {
 
 /// The pods backing `svc` among `pods` (already filtered by its selector): pods with an
 /// IP that have not finished. Sorted, so equal inputs give equal outputs.
-pub fn backends(svc: &Service, pods: &[Pod]) -> Vec<Backend> {
+pub fn backends<'a>(svc: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Backend> {
     let spec = svc.spec.clone().unwrap_or_default();
     let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let ports = spec.ports.unwrap_or_default();
     let mut out: Vec<Backend> = pods
-        .iter()
+        .into_iter()
         .filter_map(|pod| {
             let status = pod.status.as_ref()?;
             let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
@@ -195,26 +180,36 @@ impl Membership {
     }
 }
 
-/// The pods backing `svc` now (listed with its selector, server-side), recorded in
-/// `membership`. None for a Service this controller leaves alone: no selector (its
-/// endpoints are managed by hand) or being deleted.
+/// The pods backing `svc` now (from the controller-manager's pod cache, as Kubernetes'
+/// podLister: a LIST per Service reconcile made the apiserver parse every pod of the
+/// namespace on each pod event), recorded in `membership`. None for a Service this
+/// controller leaves alone: no selector (its endpoints are managed by hand) or being
+/// deleted.
 pub async fn current_backends(
-    client: &Client,
+    pods: &Store<Pod>,
     membership: &Membership,
     svc: &Service,
 ) -> Result<Option<Vec<Backend>>> {
-    let Some(query) = selector_query(svc) else {
+    let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
         return Ok(None);
     };
-    if svc.metadata.deletion_timestamp.is_some() {
+    if selector.is_empty() || svc.metadata.deletion_timestamp.is_some() {
         return Ok(None);
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default());
-    let pods = pods
-        .list(&ListParams::default().labels(&query))
-        .await?
-        .items;
-    let backends = backends(svc, &pods);
+    pods.wait_until_ready()
+        .await
+        .map_err(|e| Error::Other(format!("pod cache: {e}")))?;
+    let ns = svc.namespace().unwrap_or_default();
+    let selected: Vec<Arc<Pod>> = pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .filter(|p| {
+            let labels = p.labels();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .collect();
+    let backends = backends(svc, selected.iter().map(|p| &**p));
     membership.record(svc, backends.iter().map(|b| b.pod_uid.clone()));
     Ok(Some(backends))
 }
@@ -223,6 +218,7 @@ pub struct Ctx {
     client: Client,
     backoff: Backoff,
     membership: Arc<Membership>,
+    pods: Store<Pod>,
 }
 
 pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
@@ -243,6 +239,7 @@ pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) 
         client,
         backoff: Backoff::default(),
         membership,
+        pods: pods.store(),
     });
     super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
 }
@@ -310,7 +307,7 @@ pub fn subsets(svc: &Service, backends: &[Backend]) -> Vec<EndpointSubset> {
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
     let key = key_of(svc.as_ref());
-    let Some(backends) = current_backends(&ctx.client, &ctx.membership, &svc).await? else {
+    let Some(backends) = current_backends(&ctx.pods, &ctx.membership, &svc).await? else {
         return Ok(Action::await_change());
     };
     let ns = svc.namespace().unwrap_or_default();

@@ -17,6 +17,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
@@ -35,6 +36,7 @@ pub struct Ctx {
     client: Client,
     backoff: Backoff,
     membership: Arc<Membership>,
+    pods: Store<Pod>,
 }
 
 pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
@@ -52,6 +54,7 @@ pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) 
         client,
         backoff: Backoff::default(),
         membership,
+        pods: pods.store(),
     });
     super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
 }
@@ -108,7 +111,7 @@ pub fn desired_slices(backends: &[Backend]) -> Vec<SliceContent> {
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action> {
     let key = key_of(svc.as_ref());
-    let Some(backends) = current_backends(&ctx.client, &ctx.membership, &svc).await? else {
+    let Some(backends) = current_backends(&ctx.pods, &ctx.membership, &svc).await? else {
         return Ok(Action::await_change());
     };
     let ns = svc.namespace().unwrap_or_default();
