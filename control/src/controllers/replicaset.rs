@@ -21,11 +21,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-
-use super::shared_pods::SharedPods;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::shared_pods::SharedPods;
 use super::{
     Backoff, Error, Result, done_unless_error, is_conflict, is_not_found, key_of, record_event,
 };
@@ -488,4 +487,48 @@ async fn update_status(
         )
         .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    fn pod(name: &str, deleting: bool) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("ns".into());
+        if deleting {
+            p.metadata.deletion_timestamp = Some(super::super::now());
+        }
+        p
+    }
+
+    #[test]
+    fn expectations_hold_until_the_cache_shows_the_writes() {
+        let (store, mut writer) = reflector::store::<Pod>();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        writer.apply_watcher_event(&Event::Apply(pod("old", false)));
+        let e = Expectations::default();
+        assert!(e.satisfied("ns/rs", &store, "ns"), "nothing expected");
+
+        e.expect("ns/rs", names(&["new"]), names(&["old"]));
+        assert!(!e.satisfied("ns/rs", &store, "ns"), "neither write seen");
+        writer.apply_watcher_event(&Event::Apply(pod("new", false)));
+        assert!(
+            !e.satisfied("ns/rs", &store, "ns"),
+            "the delete is not seen yet"
+        );
+        writer.apply_watcher_event(&Event::Apply(pod("old", true)));
+        assert!(
+            e.satisfied("ns/rs", &store, "ns"),
+            "deleting counts as seen"
+        );
+        // Met expectations are cleared; another ReplicaSet is unaffected.
+        assert!(e.lock().is_empty());
+        e.expect("ns/other", names(&["never"]), HashSet::new());
+        assert!(e.satisfied("ns/rs", &store, "ns"));
+        assert!(!e.satisfied("ns/other", &store, "ns"));
+    }
 }
