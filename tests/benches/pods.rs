@@ -23,7 +23,6 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -35,11 +34,8 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
-use skiff_agent::kubelet::{
-    containerd_process::ContainerdProcess,
-    test_images::{LocalRegistry, busybox_image},
-};
-use support::{Cleanup, Cluster, Proc, bin_dir, eventually, start_apiserver};
+use skiff_agent::kubelet::{containerd_process::ContainerdProcess, test_images::LocalRegistry};
+use support::{Cluster, Proc, bin_dir, eventually, start_apiserver};
 
 const NODE: &str = "bench-1";
 const LABEL: &str = "skiff-bench=pods";
@@ -149,41 +145,18 @@ fn main() {
     let agent_bin = find_binary("skiff-agent");
     println!("binaries: {}", agent_bin.parent().unwrap().display());
 
-    let dir = PathBuf::from(format!("/tmp/skiff-bench-pods-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let _cleanup = Cleanup {
-        dir: dir.clone(),
-        nodes: vec![NODE.to_string()],
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (dir, _cleanup) = support::test_dir("skiff-bench-pods", vec![NODE.to_string()]);
+    let rt = support::tokio_runtime();
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let registry = LocalRegistry::start(dir.join("registry")).expect("start docker-registry");
-    let image = registry.image_ref("skiff/busybox:1.0");
-    rt.block_on(busybox_image().expect("busybox image").push(&image))
-        .expect("push busybox");
+    let image = support::push_busybox(&rt, &registry);
     let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
     let (apiserver, kubeconfig) = start_apiserver(&dir, "127.0.0.1", &apiserver_bin);
-    let c = Cluster {
-        dir: dir.clone(),
-        kubeconfig: kubeconfig.clone(),
-    };
-    let component = |name: &str, bin: &Path| {
-        Proc::spawn(
-            name,
-            &dir,
-            Command::new(bin)
-                .arg("--kubeconfig")
-                .arg(&kubeconfig)
-                .args(["--identity", name]),
-        )
-    };
+    let c = Cluster::new(&dir, &kubeconfig);
+    let component =
+        |name: &str, bin: &Path| support::spawn_component(name, &dir, bin, &kubeconfig, &[]);
     let mut cm = component("controller-manager", &cm_bin);
     let mut sched = component("scheduler", &sched_bin);
     cm.wait_stdout("is the leader", Duration::from_secs(30));
@@ -191,14 +164,7 @@ fn main() {
     let mut agent = Proc::spawn(
         NODE,
         &dir,
-        Command::new(&agent_bin)
-            .args(["--node-name", NODE])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--containerd-address")
-            .arg(containerd.socket())
-            .arg("--root-dir")
-            .arg(dir.join(NODE))
+        support::agent_command(&agent_bin, NODE, &kubeconfig, containerd.socket(), &dir)
             .args(["--insecure-registry", &registry.host()])
             .args(["--port", "0", "--pod-network", "host-routes"]),
     );

@@ -17,7 +17,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs,
     io::{Read, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -960,24 +960,12 @@ fn kubelet_end_to_end() {
     let sched_bin = binary("skiff-scheduler");
     let agent_bin = binary("skiff-agent");
 
-    let dir = PathBuf::from(format!("/tmp/skiff-ke-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let _cleanup = Cleanup {
-        dir: dir.clone(),
-        nodes: NODES.iter().map(|n| n.to_string()).collect(),
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (dir, _cleanup) = test_dir("skiff-ke", NODES.iter().map(|n| n.to_string()).collect());
+    let rt = tokio_runtime();
 
     // --- registry with the busybox image, containerd.
     let registry = LocalRegistry::start(dir.join("registry")).expect("start docker-registry");
-    let image = registry.image_ref("skiff/busybox:1.0");
-    rt.block_on(busybox_image().expect("busybox image").push(&image))
-        .expect("push busybox");
+    let image = push_busybox(&rt, &registry);
     // A second registry that wants a login (alice/pw), for imagePullSecrets.
     let auth_registry = LocalRegistry::start_with_htpasswd(
         dir.join("registry-auth"),
@@ -994,26 +982,21 @@ fn kubelet_end_to_end() {
 
     // --- control plane.
     let (apiserver, kubeconfig) = start_apiserver(&dir, "127.0.0.1", &apiserver_bin);
-    let c = Cluster {
-        dir: dir.clone(),
-        kubeconfig: kubeconfig.clone(),
-    };
+    let c = Cluster::new(&dir, &kubeconfig);
     let component = |name: &str, bin: &Path| {
-        Proc::spawn(
+        spawn_component(
             name,
             &dir,
-            Command::new(bin)
-                .arg("--kubeconfig")
-                .arg(&kubeconfig)
-                .args(["--identity", name])
-                .args([
-                    "--lease-duration",
-                    "6",
-                    "--renew-deadline",
-                    "4",
-                    "--retry-period",
-                    "1",
-                ]),
+            bin,
+            &kubeconfig,
+            &[
+                "--lease-duration",
+                "6",
+                "--renew-deadline",
+                "4",
+                "--retry-period",
+                "1",
+            ],
         )
     };
     let mut cm = component("controller-manager", &cm_bin);
@@ -1030,14 +1013,7 @@ fn kubelet_end_to_end() {
         Proc::spawn(
             log,
             &dir,
-            Command::new(&agent_bin)
-                .args(["--node-name", node])
-                .arg("--kubeconfig")
-                .arg(&kubeconfig)
-                .arg("--containerd-address")
-                .arg(containerd.socket())
-                .arg("--root-dir")
-                .arg(dir.join(node))
+            agent_command(&agent_bin, node, &kubeconfig, containerd.socket(), &dir)
                 .arg("--pod-logs-dir")
                 .arg(&pod_logs_dir)
                 .args(["--insecure-registry", &registry.host()])

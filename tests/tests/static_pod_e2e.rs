@@ -16,8 +16,6 @@
 
 use std::{
     fs,
-    path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -27,7 +25,7 @@ mod support;
 use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
     runtime::{ContainerState, Runtime},
-    test_images::{LocalRegistry, busybox_image},
+    test_images::LocalRegistry,
 };
 use support::*;
 
@@ -121,39 +119,16 @@ fn static_pod_mirror_logs_exec_recreate() {
     let cm_bin = binary("skiff-controller-manager");
     let agent_bin = binary("skiff-agent");
 
-    let dir = PathBuf::from(format!("/tmp/skiff-sp-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let _cleanup = Cleanup {
-        dir: dir.clone(),
-        nodes: vec![NODE.to_string()],
-    };
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (dir, _cleanup) = test_dir("skiff-sp", vec![NODE.to_string()]);
+    let tokio = tokio_runtime();
 
     let registry = LocalRegistry::start(dir.join("registry")).expect("start docker-registry");
-    let image = registry.image_ref("skiff/busybox:1.0");
-    tokio
-        .block_on(busybox_image().expect("busybox image").push(&image))
-        .expect("push busybox");
+    let image = push_busybox(&tokio, &registry);
     let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
     let (_apiserver, kubeconfig) = start_apiserver(&dir, "127.0.0.1", &apiserver_bin);
-    let c = Cluster {
-        dir: dir.clone(),
-        kubeconfig: kubeconfig.clone(),
-    };
-    let mut cm = Proc::spawn(
-        "controller-manager",
-        &dir,
-        Command::new(&cm_bin)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["--identity", "controller-manager"]),
-    );
+    let c = Cluster::new(&dir, &kubeconfig);
+    let mut cm = spawn_component("controller-manager", &dir, &cm_bin, &kubeconfig, &[]);
     cm.wait_stdout("is the leader", Duration::from_secs(30));
 
     // The manifest is in place before the agent starts: it runs from the first poll.
@@ -164,14 +139,7 @@ fn static_pod_mirror_logs_exec_recreate() {
     let mut agent = Proc::spawn(
         NODE,
         &dir,
-        Command::new(&agent_bin)
-            .args(["--node-name", NODE])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--containerd-address")
-            .arg(containerd.socket())
-            .arg("--root-dir")
-            .arg(dir.join(NODE))
+        agent_command(&agent_bin, NODE, &kubeconfig, containerd.socket(), &dir)
             .arg("--pod-logs-dir")
             .arg(&pod_logs_dir)
             .arg("--manifest-dir")

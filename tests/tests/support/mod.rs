@@ -15,6 +15,7 @@ use skiff_agent::cni::network::PodNetworks;
 use skiff_agent::kubelet::{
     containerd_process::unmount_under,
     runtime::{cgroup_dirs, remove_cgroup_tree},
+    test_images::{LocalRegistry, busybox_image},
 };
 
 pub const KUBECTL: &str = "/usr/bin/kubectl";
@@ -232,6 +233,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    pub fn new(dir: &Path, kubeconfig: &Path) -> Cluster {
+        Cluster {
+            dir: dir.to_path_buf(),
+            kubeconfig: kubeconfig.to_path_buf(),
+        }
+    }
+
     pub fn kubectl_out(&self, args: &[&str], input: Option<&str>) -> Output {
         let mut cmd = Command::new(KUBECTL);
         cmd.arg("--kubeconfig")
@@ -341,6 +349,75 @@ pub fn start_apiserver(
             .trim(),
     );
     (apiserver, kubeconfig)
+}
+
+/// A fresh `/tmp/<prefix>-<pid>` (an old one removed first) and the guard that removes it
+/// and what the agents of `nodes` left on the host; bind the guard to a named variable.
+pub fn test_dir(prefix: &str, nodes: Vec<String>) -> (PathBuf, Cleanup) {
+    let dir = PathBuf::from(format!("/tmp/{prefix}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let cleanup = Cleanup {
+        dir: dir.clone(),
+        nodes,
+    };
+    (dir, cleanup)
+}
+
+/// The multi-thread tokio runtime (two workers) the tests drive async code with.
+pub fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Pushes the busybox image to `registry` as `skiff/busybox:1.0`; its reference.
+pub fn push_busybox(rt: &tokio::runtime::Runtime, registry: &LocalRegistry) -> String {
+    let image = registry.image_ref("skiff/busybox:1.0");
+    rt.block_on(busybox_image().expect("busybox image").push(&image))
+        .expect("push busybox");
+    image
+}
+
+/// Starts a control-plane component (`--kubeconfig`, `--identity <name>`, then `extra`).
+pub fn spawn_component(
+    name: &str,
+    dir: &Path,
+    bin: &Path,
+    kubeconfig: &Path,
+    extra: &[&str],
+) -> Proc {
+    Proc::spawn(
+        name,
+        dir,
+        Command::new(bin)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--identity", name])
+            .args(extra),
+    )
+}
+
+/// The start of a skiff-agent command line: node name, kubeconfig, containerd socket
+/// and root dir `dir/<node>`; the caller adds the rest.
+pub fn agent_command(
+    agent_bin: &Path,
+    node: &str,
+    kubeconfig: &Path,
+    containerd_socket: &Path,
+    dir: &Path,
+) -> Command {
+    let mut cmd = Command::new(agent_bin);
+    cmd.args(["--node-name", node])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--containerd-address")
+        .arg(containerd_socket)
+        .arg("--root-dir")
+        .arg(dir.join(node));
+    cmd
 }
 
 /// Fails unless running as root with every file in `tools` present (`what`: "the pods

@@ -22,7 +22,7 @@ use skiff_agent::cni::{
 };
 use skiff_agent::kubelet::{
     containerd_process::ContainerdProcess,
-    test_images::{LocalRegistry, busybox_builder, busybox_image},
+    test_images::{LocalRegistry, busybox_builder},
 };
 use skiff_testbed::{Topology, TopologyConfig};
 
@@ -179,17 +179,12 @@ impl NetCluster {
             .unwrap();
         let registry =
             LocalRegistry::start_on(dir.join("registry"), host_ip).expect("start docker-registry");
-        let image = registry.image_ref("skiff/busybox:1.0");
-        rt.block_on(busybox_image().expect("busybox image").push(&image))
-            .expect("push busybox");
+        let image = super::push_busybox(&rt, &registry);
         let containerd = ContainerdProcess::start(dir.join("ctrd")).expect("start containerd");
 
         let (apiserver, kubeconfig) =
             super::start_apiserver(&dir, &host_ip.to_string(), binary("skiff-apiserver"));
-        let c = Cluster {
-            dir: dir.clone(),
-            kubeconfig: kubeconfig.clone(),
-        };
+        let c = Cluster::new(&dir, &kubeconfig);
         let mut cm = Proc::spawn(
             "controller-manager",
             &dir,
