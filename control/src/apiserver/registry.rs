@@ -1573,3 +1573,33 @@ pub fn from_scale(r: &Resource, obj: &Value, scale: &Value) -> ApiResult<Value> 
 pub fn micro_time() -> String {
     now_micro()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::WatchEvent;
+
+    #[test]
+    fn watchers_share_one_decoded_object_per_event() {
+        let ev = WatchEvent::new(
+            EventKind::Modified,
+            "/registry/pods/ns/p".into(),
+            br#"{"metadata":{"name":"p"}}"#.to_vec(),
+            42,
+        );
+        // Each watcher receives its own clone of the broadcast event.
+        let (a, b) = (ev.clone(), ev.clone());
+        let (da, db) = (decoded(&a).expect("json"), decoded(&b).expect("json"));
+        assert!(Arc::ptr_eq(&da, &db), "decoded once for both watchers");
+        assert_eq!(da.value["metadata"]["resourceVersion"], "42");
+        assert_eq!(
+            serde_json::from_slice::<Value>(da.json()).expect("encoded"),
+            da.value
+        );
+        // A separately stored copy of the same event (the history) has its own memo.
+        let history = WatchEvent::new(ev.kind, ev.key.clone(), ev.value.clone(), ev.revision);
+        assert!(!Arc::ptr_eq(&decoded(&history).expect("json"), &da));
+        let garbage = WatchEvent::new(EventKind::Added, "/k".into(), b"not json".to_vec(), 1);
+        assert!(decoded(&garbage).is_none());
+    }
+}
