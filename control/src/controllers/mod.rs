@@ -141,9 +141,9 @@ impl Default for ControllerConfig {
 /// Runs every controller until the first one stops (which only happens on shutdown).
 pub async fn run_all(client: Client, cfg: ControllerConfig) {
     // One pod watch and cache for every controller that looks at pods.
-    let pods = shared_pods::SharedPods::new(client.clone());
+    let (pods, pod_watch) = shared_pods::SharedPods::new(client.clone());
     tokio::select! {
-        _ = pods.run() => {}
+        _ = pod_watch.run() => {}
         _ = replicaset::run(client.clone(), pods.clone()) => {}
         _ = namespace::run(client.clone()) => {}
         _ = serviceaccount::run(client.clone()) => {}

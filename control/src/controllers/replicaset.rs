@@ -69,7 +69,10 @@ impl Expectations {
         if created.is_empty() && deleted.is_empty() {
             return;
         }
-        self.lock().insert(
+        let mut all = self.lock();
+        // Entries of ReplicaSets that are gone are never checked again: drop expired ones.
+        all.retain(|_, e| e.since.elapsed() <= EXPECTATION_TTL);
+        all.insert(
             rs.to_string(),
             Expected {
                 created,

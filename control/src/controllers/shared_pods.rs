@@ -22,22 +22,27 @@ use tokio::sync::broadcast;
 const BUFFER: usize = 16_384;
 
 pub struct SharedPods {
-    client: Client,
     store: Store<Pod>,
-    writer: std::sync::Mutex<Option<reflector::store::Writer<Pod>>>,
+    changes: broadcast::Sender<Arc<Pod>>,
+}
+
+/// The watch that fills a [`SharedPods`]; `run` it once, next to the controllers.
+pub struct PodWatch {
+    client: Client,
+    writer: reflector::store::Writer<Pod>,
     changes: broadcast::Sender<Arc<Pod>>,
 }
 
 impl SharedPods {
-    pub fn new(client: Client) -> Arc<Self> {
+    pub fn new(client: Client) -> (Arc<Self>, PodWatch) {
         let (store, writer) = reflector::store();
         let (changes, _) = broadcast::channel(BUFFER);
-        Arc::new(Self {
+        let watch = PodWatch {
             client,
-            store,
-            writer: std::sync::Mutex::new(Some(writer)),
-            changes,
-        })
+            writer,
+            changes: changes.clone(),
+        };
+        (Arc::new(Self { store, changes }), watch)
     }
 
     /// The pod cache (ready after the first full list: `Store::wait_until_ready`).
@@ -65,16 +70,14 @@ impl SharedPods {
         })
         .flatten()
     }
+}
 
-    /// Runs the watch, filling the cache and fanning changes out; returns only if called
-    /// twice (the second call has nothing to drive).
-    pub async fn run(&self) {
-        let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            return;
-        };
-        let api: Api<Pod> = Api::all(self.client.clone());
+impl PodWatch {
+    /// Watches pods, filling the cache and fanning changes out, until the stream ends.
+    pub async fn run(self) {
+        let api: Api<Pod> = Api::all(self.client);
         let mut changes = reflector::reflector(
-            writer,
+            self.writer,
             watcher(api, watcher::Config::default()).default_backoff(),
         )
         .touched_objects()
