@@ -2,6 +2,7 @@
 pub mod apiserver;
 pub mod component;
 pub mod controllers;
+pub mod events;
 pub mod hollow;
 pub mod leader;
 pub mod objects;

@@ -31,9 +31,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::shared_pods::SharedPods;
-use super::{
-    Backoff, ControllerConfig, Error, Result, done_unless_error, is_not_found, key_of, record_event,
-};
+use super::{Backoff, ControllerConfig, Error, Result, done_unless_error, is_not_found, key_of};
+use crate::events::EventRecorder;
 use crate::objects::{controller_ref, is_active, is_ready};
 use crate::scheduler::cache::NodeState;
 use crate::scheduler::filters::{check_node_affinity, check_taints};
@@ -44,10 +43,16 @@ pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
 }
 
-pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) {
+pub async fn run(
+    client: Client,
+    events: EventRecorder,
+    _cfg: ControllerConfig,
+    pods: Arc<SharedPods>,
+) {
     let ds_api: Api<DaemonSet> = Api::all(client.clone());
     let ctrl = Controller::new(ds_api, watcher::Config::default());
     let store = ctrl.store();
@@ -67,6 +72,7 @@ pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) 
         );
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
     });
     super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
@@ -345,27 +351,13 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action> {
         match pods_api.create(&PostParams::default(), &pod).await {
             Ok(p) => {
                 let msg = format!("Created pod: {}", p.name_any());
-                record_event(
-                    &ctx.client,
-                    COMPONENT,
-                    ds.as_ref(),
-                    "Normal",
-                    "SuccessfulCreate",
-                    &msg,
-                )
-                .await;
+                ctx.events
+                    .record(COMPONENT, ds.as_ref(), "Normal", "SuccessfulCreate", &msg);
             }
             Err(e) => {
                 let msg = format!("Error creating: {e}");
-                record_event(
-                    &ctx.client,
-                    COMPONENT,
-                    ds.as_ref(),
-                    "Warning",
-                    "FailedCreate",
-                    &msg,
-                )
-                .await;
+                ctx.events
+                    .record(COMPONENT, ds.as_ref(), "Warning", "FailedCreate", &msg);
                 failure = Some(msg);
                 break;
             }
@@ -386,15 +378,8 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action> {
         match pods_api.delete(name, &dp).await {
             Ok(_) => {
                 let msg = format!("Deleted pod: {name}");
-                record_event(
-                    &ctx.client,
-                    COMPONENT,
-                    ds.as_ref(),
-                    "Normal",
-                    "SuccessfulDelete",
-                    &msg,
-                )
-                .await;
+                ctx.events
+                    .record(COMPONENT, ds.as_ref(), "Normal", "SuccessfulDelete", &msg);
             }
             Err(e) if is_not_found(&e) => {}
             Err(e) => failure = Some(format!("Error deleting: {e}")),

@@ -38,8 +38,8 @@ use serde_json::{Value, json};
 
 use super::{
     Backoff, ControllerConfig, Error, Result, done_unless_error, is_conflict, is_not_found, key_of,
-    record_event,
 };
+use crate::events::EventRecorder;
 use crate::objects::{controller_ref, selector_matches};
 
 const COMPONENT: &str = "deployment-controller";
@@ -82,10 +82,11 @@ const RECREATE_POLL: Duration = Duration::from_secs(1);
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
 }
 
-pub async fn run(client: Client, cfg: ControllerConfig) {
+pub async fn run(client: Client, events: EventRecorder, cfg: ControllerConfig) {
     // Nothing on the controller-manager command line concerns Deployments yet.
     let _ = cfg;
     let d_api: Api<Deployment> = Api::all(client.clone());
@@ -111,6 +112,7 @@ pub async fn run(client: Client, cfg: ControllerConfig) {
     });
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
     });
     super::drain(COMPONENT, ctrl.run(reconcile, error_policy, ctx)).await;
@@ -143,7 +145,7 @@ async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
         Err((reason, msg)) => {
             // Retrying cannot fix the spec; its next edit wakes us.
             tracing::warn!("deployment {key}: {msg}");
-            record_event(&ctx.client, COMPONENT, &d, "Warning", reason, &msg).await;
+            ctx.events.record(COMPONENT, &d, "Warning", reason, &msg);
             ctx.backoff.succeeded(&key);
             return Ok(Action::await_change());
         }
@@ -184,7 +186,8 @@ async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action> {
         Ok(p) => p,
         Err(msg) => {
             tracing::warn!("deployment {key}: {msg}");
-            record_event(&ctx.client, COMPONENT, &d, "Warning", "InvalidSpec", &msg).await;
+            ctx.events
+                .record(COMPONENT, &d, "Warning", "InvalidSpec", &msg);
             ctx.backoff.succeeded(&key);
             return Ok(Action::await_change());
         }
@@ -323,7 +326,7 @@ async fn execute(
     d: &Deployment,
     plan: &Plan,
 ) -> Result<()> {
-    let client = &ctx.client;
+    let events = &ctx.events;
     if let Some(rs) = &plan.create {
         let name = rs.name_any();
         match rs_api.create(&PostParams::default(), rs).await {
@@ -331,21 +334,13 @@ async fn execute(
                 let n = replicas_of(rs);
                 if n > 0 {
                     let msg = format!("Scaled up replica set {name} from 0 to {n}");
-                    record_event(client, COMPONENT, d, "Normal", "ScalingReplicaSet", &msg).await;
+                    events.record(COMPONENT, d, "Normal", "ScalingReplicaSet", &msg);
                 }
             }
             Err(e) if is_conflict(&e) => return collision(d_api, rs_api, d, &name).await,
             Err(e) => {
                 let msg = format!("Failed to create new replica set \"{name}\": {e}");
-                record_event(
-                    client,
-                    COMPONENT,
-                    d,
-                    "Warning",
-                    "ReplicaSetCreateError",
-                    &msg,
-                )
-                .await;
+                events.record(COMPONENT, d, "Warning", "ReplicaSetCreateError", &msg);
                 return Err(e.into());
             }
         }
@@ -371,7 +366,7 @@ async fn execute(
                 "Scaled {dir} replica set {} from {} to {}",
                 u.name, u.from, u.to
             );
-            record_event(client, COMPONENT, d, "Normal", "ScalingReplicaSet", &msg).await;
+            events.record(COMPONENT, d, "Normal", "ScalingReplicaSet", &msg);
         }
     }
     if let Some(rev) = &plan.revision {

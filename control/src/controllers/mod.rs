@@ -23,11 +23,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
 use kube::{Client, Resource, ResourceExt};
+
+use crate::events::EventRecorder;
 
 /// Why a reconcile failed. Any error requeues the object with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -142,25 +142,21 @@ impl Default for ControllerConfig {
 pub async fn run_all(client: Client, cfg: ControllerConfig) {
     // One pod watch and cache for every controller that looks at pods.
     let (pods, pod_watch) = shared_pods::SharedPods::new(client.clone());
+    let events = EventRecorder::new(client.clone());
     tokio::select! {
         _ = pod_watch.run() => {}
-        _ = replicaset::run(client.clone(), pods.clone()) => {}
+        _ = replicaset::run(client.clone(), events.clone(), pods.clone()) => {}
         _ = namespace::run(client.clone()) => {}
         _ = serviceaccount::run(client.clone()) => {}
         _ = garbage_collector::run(client.clone()) => {}
-        _ = deployment::run(client.clone(), cfg.clone()) => {}
-        _ = daemonset::run(client.clone(), cfg.clone(), pods.clone()) => {}
+        _ = deployment::run(client.clone(), events.clone(), cfg.clone()) => {}
+        _ = daemonset::run(client.clone(), events.clone(), cfg.clone(), pods.clone()) => {}
         _ = endpoints::run(client.clone(), cfg.clone(), pods.clone()) => {}
         _ = endpointslice::run(client.clone(), cfg.clone(), pods.clone()) => {}
-        _ = node_lifecycle::run(client.clone(), cfg.clone(), pods.clone()) => {}
-        _ = node_ipam::run(client.clone(), cfg.clone()) => {}
-        _ = service_lb::run(client.clone(), cfg.clone()) => {}
+        _ = node_lifecycle::run(client.clone(), events.clone(), cfg.clone(), pods.clone()) => {}
+        _ = node_ipam::run(client.clone(), events.clone(), cfg.clone()) => {}
+        _ = service_lb::run(client.clone(), events.clone(), cfg.clone()) => {}
     }
-}
-
-/// The first `max` bytes of a name (names are ASCII).
-fn truncate(s: &str, max: usize) -> &str {
-    s.get(..max).unwrap_or(s)
 }
 
 /// The current time in the apiserver's type.
@@ -171,66 +167,6 @@ pub fn now() -> Time {
 pub fn now_timestamp() -> Timestamp {
     let micros = chrono::Utc::now().timestamp_micros();
     Timestamp::from_microsecond(micros).unwrap_or(Timestamp::UNIX_EPOCH)
-}
-
-/// Records a core/v1 Event about `obj` (what `kubectl describe` lists). Best effort:
-/// failing to record an event must not fail the reconcile that caused it.
-pub async fn record_event<K>(
-    client: &Client,
-    component: &str,
-    obj: &K,
-    type_: &str,
-    reason: &str,
-    message: &str,
-) where
-    K: Resource<DynamicType = ()>,
-{
-    let ns = obj
-        .meta()
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let ts = now();
-    let nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let ev = Event {
-        metadata: ObjectMeta {
-            // Kubernetes names events <object>.<hex timestamp>; the object part is cut
-            // so a long object name still gives a valid (<= 253) event name.
-            name: Some(format!(
-                "{}.{:x}",
-                truncate(&obj.name_any(), 253 - 17),
-                nanos
-            )),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some(K::api_version(&()).into_owned()),
-            kind: Some(K::kind(&()).into_owned()),
-            name: obj.meta().name.clone(),
-            namespace: obj.meta().namespace.clone(),
-            uid: obj.meta().uid.clone(),
-            resource_version: obj.meta().resource_version.clone(),
-            ..Default::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(type_.into()),
-        source: Some(EventSource {
-            component: Some(component.into()),
-            host: None,
-        }),
-        reporting_component: Some(component.into()),
-        reporting_instance: Some(component.into()),
-        first_timestamp: Some(ts.clone()),
-        last_timestamp: Some(ts),
-        count: Some(1),
-        ..Default::default()
-    };
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    if let Err(e) = api.create(&PostParams::default(), &ev).await {
-        tracing::debug!("recording event {reason} for {}: {e}", key_of(obj));
-    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::{Backoff, ControllerConfig, Error, Result, is_conflict, is_not_found, key_of};
+use crate::events::EventRecorder;
 
 const COMPONENT: &str = "node-ipam-controller";
 /// How soon a Node that found the cluster CIDR full looks again (a Node going away is
@@ -241,6 +242,7 @@ fn check_existing(
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
     nodes: Store<Node>,
     cluster: ClusterCidr,
@@ -269,7 +271,7 @@ impl Ctx {
     }
 }
 
-pub async fn run(client: Client, cfg: ControllerConfig) {
+pub async fn run(client: Client, events: EventRecorder, cfg: ControllerConfig) {
     let cluster = match parse_cluster_cidr(&cfg.cluster_cidr, cfg.node_cidr_mask_size) {
         Ok(c) => c,
         Err(e) => {
@@ -283,6 +285,7 @@ pub async fn run(client: Client, cfg: ControllerConfig) {
     let ctrl = Controller::new(api, watcher::Config::default());
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
         nodes: ctrl.store(),
         cluster,
@@ -329,15 +332,8 @@ async fn check(node: &Node, ctx: &Ctx) -> Result<()> {
     if let Some(msg) = check_existing(&ctx.cluster, node, &others) {
         if ctx.first_report(node, &msg) {
             tracing::warn!("{msg}");
-            super::record_event(
-                &ctx.client,
-                COMPONENT,
-                node,
-                "Warning",
-                "CIDRNotAvailable",
-                &msg,
-            )
-            .await;
+            ctx.events
+                .record(COMPONENT, node, "Warning", "CIDRNotAvailable", &msg);
         }
     } else {
         ctx.forget_reports(node);
@@ -368,15 +364,8 @@ async fn allocate(node: &Node, ctx: &Ctx) -> Result<Action> {
             let msg = format!("Node {name} status is now: CIDRNotAvailable");
             if ctx.first_report(me, &msg) {
                 tracing::warn!("no free podCIDR in {} for node {name}", ctx.cluster.net);
-                super::record_event(
-                    &ctx.client,
-                    COMPONENT,
-                    me,
-                    "Normal",
-                    "CIDRNotAvailable",
-                    &msg,
-                )
-                .await;
+                ctx.events
+                    .record(COMPONENT, me, "Normal", "CIDRNotAvailable", &msg);
             }
             return Ok(Action::requeue(EXHAUSTED_RETRY));
         };

@@ -33,8 +33,9 @@ use serde_json::json;
 use super::shared_pods::SharedPods;
 use super::{
     Backoff, ControllerConfig, Error, Result, done_unless_error, is_not_found, key_of, now,
-    now_timestamp, record_event,
+    now_timestamp,
 };
+use crate::events::EventRecorder;
 use crate::objects::controller_ref;
 
 const COMPONENT: &str = "node-controller";
@@ -296,6 +297,7 @@ fn needs_pod_work(node: &Node) -> bool {
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
     leases: Store<Lease>,
     grace: Duration,
@@ -343,7 +345,12 @@ impl Ctx {
     }
 }
 
-pub async fn run(client: Client, cfg: ControllerConfig, shared_pods: Arc<SharedPods>) {
+pub async fn run(
+    client: Client,
+    events: EventRecorder,
+    cfg: ControllerConfig,
+    shared_pods: Arc<SharedPods>,
+) {
     if let Err(e) = validate(&cfg) {
         tracing::error!("node lifecycle controller disabled: {e}");
         return std::future::pending().await;
@@ -374,6 +381,7 @@ pub async fn run(client: Client, cfg: ControllerConfig, shared_pods: Arc<SharedP
         });
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
         leases: lease_store,
         grace: cfg.node_monitor_grace_period,
@@ -426,15 +434,8 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action> {
                     ctx.grace
                 );
                 let msg = format!("Node {name} status is now: NodeNotReady");
-                record_event(
-                    &ctx.client,
-                    COMPONENT,
-                    &node,
-                    "Normal",
-                    "NodeNotReady",
-                    &msg,
-                )
-                .await;
+                ctx.events
+                    .record(COMPONENT, &node, "Normal", "NodeNotReady", &msg);
             }
         }
         Some(left) => next = next.min(left + SLACK),
@@ -538,15 +539,8 @@ async fn evict(pod: &Pod, ctx: &Ctx) -> Result<()> {
     let ns = pod.namespace().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let msg = format!("Marking for deletion Pod {ns}/{}", pod.name_any());
-    record_event(
-        &ctx.client,
-        COMPONENT,
-        pod,
-        "Normal",
-        "TaintManagerEviction",
-        &msg,
-    )
-    .await;
+    ctx.events
+        .record(COMPONENT, pod, "Normal", "TaintManagerEviction", &msg);
     tracing::info!("{msg}");
     let dp = DeleteParams {
         // Not a same-named successor (StatefulSet pods reuse names).
@@ -603,15 +597,13 @@ async fn mark_not_ready(pod: &Pod, ctx: &Ctx) -> Result<()> {
         )
         .await,
     )?;
-    record_event(
-        &ctx.client,
+    ctx.events.record(
         COMPONENT,
         pod,
         "Warning",
         "NodeNotReady",
         "Node is not ready",
-    )
-    .await;
+    );
     Ok(())
 }
 

@@ -25,9 +25,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::shared_pods::SharedPods;
-use super::{
-    Backoff, Error, Result, done_unless_error, is_conflict, is_not_found, key_of, record_event,
-};
+use super::{Backoff, Error, Result, done_unless_error, is_conflict, is_not_found, key_of};
+use crate::events::EventRecorder;
 use crate::objects::{controller_ref, is_active, is_ready, ready_since, selector_matches};
 
 const COMPONENT: &str = "replicaset-controller";
@@ -40,6 +39,7 @@ const EXPECTATION_TTL: Duration = Duration::from_secs(60);
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
     pods: Store<Pod>,
     expectations: Expectations,
@@ -102,7 +102,7 @@ impl Expectations {
     }
 }
 
-pub async fn run(client: Client, shared_pods: Arc<SharedPods>) {
+pub async fn run(client: Client, events: EventRecorder, shared_pods: Arc<SharedPods>) {
     let rs_api: Api<ReplicaSet> = Api::all(client.clone());
     let pods = shared_pods.store();
     let pod_events = shared_pods.events();
@@ -128,6 +128,7 @@ pub async fn run(client: Client, shared_pods: Arc<SharedPods>) {
     });
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
         pods,
         expectations: Expectations::default(),
@@ -258,28 +259,14 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
                 Ok(p) => {
                     created.insert(p.name_any());
                     let msg = format!("Created pod: {}", p.name_any());
-                    record_event(
-                        &ctx.client,
-                        COMPONENT,
-                        rs.as_ref(),
-                        "Normal",
-                        "SuccessfulCreate",
-                        &msg,
-                    )
-                    .await;
+                    ctx.events
+                        .record(COMPONENT, rs.as_ref(), "Normal", "SuccessfulCreate", &msg);
                     active.push(Arc::new(p));
                 }
                 Err(e) => {
                     let msg = format!("Error creating: {e}");
-                    record_event(
-                        &ctx.client,
-                        COMPONENT,
-                        rs.as_ref(),
-                        "Warning",
-                        "FailedCreate",
-                        &msg,
-                    )
-                    .await;
+                    ctx.events
+                        .record(COMPONENT, rs.as_ref(), "Warning", "FailedCreate", &msg);
                     failure = Some(msg);
                     break;
                 }
@@ -301,28 +288,14 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action> {
                 Ok(_) => {
                     deleted.insert(p.name_any());
                     let msg = format!("Deleted pod: {}", p.name_any());
-                    record_event(
-                        &ctx.client,
-                        COMPONENT,
-                        rs.as_ref(),
-                        "Normal",
-                        "SuccessfulDelete",
-                        &msg,
-                    )
-                    .await;
+                    ctx.events
+                        .record(COMPONENT, rs.as_ref(), "Normal", "SuccessfulDelete", &msg);
                 }
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
                     let msg = format!("Error deleting: {e}");
-                    record_event(
-                        &ctx.client,
-                        COMPONENT,
-                        rs.as_ref(),
-                        "Warning",
-                        "FailedDelete",
-                        &msg,
-                    )
-                    .await;
+                    ctx.events
+                        .record(COMPONENT, rs.as_ref(), "Warning", "FailedDelete", &msg);
                     active.push(p);
                     failure = Some(msg);
                     break;

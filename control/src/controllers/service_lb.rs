@@ -24,6 +24,7 @@ use serde_json::json;
 
 use super::node_ipam::Ipv4Cidr;
 use super::{Backoff, ControllerConfig, Error, Result, is_conflict, is_not_found, key_of};
+use crate::events::EventRecorder;
 
 const COMPONENT: &str = "service-controller";
 /// How soon a Service that could not get an address tries again (another Service
@@ -212,6 +213,7 @@ pub fn used_by_others(me: &Service, all: &[Service]) -> BTreeSet<Ipv4Addr> {
 
 pub struct Ctx {
     client: Client,
+    events: EventRecorder,
     backoff: Backoff,
     pool: Pool,
     /// Serializes allocations so two Services never take the same free address.
@@ -237,7 +239,7 @@ impl Ctx {
     }
 }
 
-pub async fn run(client: Client, cfg: ControllerConfig) {
+pub async fn run(client: Client, events: EventRecorder, cfg: ControllerConfig) {
     let Some(spec) = cfg.load_balancer_pool.as_deref() else {
         tracing::info!("no load balancer pool configured: LoadBalancer Services stay pending");
         return std::future::pending().await;
@@ -253,6 +255,7 @@ pub async fn run(client: Client, cfg: ControllerConfig) {
     let api: Api<Service> = Api::all(client.clone());
     let ctx = Arc::new(Ctx {
         client,
+        events,
         backoff: Backoff::default(),
         pool,
         alloc: tokio::sync::Mutex::new(()),
@@ -305,15 +308,13 @@ async fn release(svc: &Service, ctx: &Ctx) -> Result<()> {
         Ok(_) => {
             tracing::info!("released load balancer address of service {}", key_of(svc));
             ctx.forget_report(svc);
-            super::record_event(
-                &ctx.client,
+            ctx.events.record(
                 COMPONENT,
                 svc,
                 "Normal",
                 "DeletedLoadBalancer",
                 "Deleted load balancer",
-            )
-            .await;
+            );
             Ok(())
         }
         Err(e) if is_not_found(&e) => Ok(()),
@@ -374,15 +375,13 @@ async fn ensure(svc: &Service, ctx: &Ctx) -> Result<Action> {
             Ok(_) => {
                 tracing::info!("assigned load balancer IP {ip} to service {key}");
                 ctx.forget_report(me);
-                super::record_event(
-                    &ctx.client,
+                ctx.events.record(
                     COMPONENT,
                     me,
                     "Normal",
                     "EnsuredLoadBalancer",
                     "Ensured load balancer",
-                )
-                .await;
+                );
                 return Ok(Action::await_change());
             }
             Err(e) if is_not_found(&e) => return Ok(Action::await_change()),
@@ -400,15 +399,8 @@ async fn ensure(svc: &Service, ctx: &Ctx) -> Result<Action> {
 async fn report(ctx: &Ctx, svc: &Service, msg: &str) {
     if ctx.first_report(svc, msg) {
         tracing::warn!("service {}: {msg}", key_of(svc));
-        super::record_event(
-            &ctx.client,
-            COMPONENT,
-            svc,
-            "Warning",
-            "AllocationFailed",
-            msg,
-        )
-        .await;
+        ctx.events
+            .record(COMPONENT, svc, "Warning", "AllocationFailed", msg);
     }
 }
 

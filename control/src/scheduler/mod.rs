@@ -35,7 +35,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::controllers::{is_conflict, is_not_found, key_of, now, record_event};
+use crate::controllers::{is_conflict, is_not_found, key_of, now};
+use crate::events::EventRecorder;
 use cache::{Cache, PodChange};
 use pod_info::{PodInfo, bound_node, is_terminated, wants_scheduling};
 use queue::{ClusterEvent, Popped, QueueConfig, SchedulingQueue};
@@ -74,8 +75,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// A bound pod the watch has not confirmed after this long is forgotten, so a lost
 /// event cannot reserve capacity forever.
 const ASSUMED_POD_TTL: Duration = Duration::from_secs(30);
-/// Concurrent Event writes.
-const EVENTS_IN_FLIGHT: usize = 8;
+/// Concurrent PodScheduled=False status writes.
+const UNSCHEDULABLE_WRITES_IN_FLIGHT: usize = 8;
 
 /// Runs the scheduler until the watches end (they retry on errors, so: forever).
 pub async fn run(client: Client, cfg: SchedulerConfig) {
@@ -92,9 +93,10 @@ pub async fn run(client: Client, cfg: SchedulerConfig) {
             .default_backoff(),
     );
     let sched = Arc::new(Scheduler {
+        events: EventRecorder::new(client.clone()),
         client,
         permits: Arc::new(Semaphore::new(cfg.parallel_binds.max(1))),
-        event_permits: Arc::new(Semaphore::new(EVENTS_IN_FLIGHT)),
+        unschedulable_permits: Arc::new(Semaphore::new(UNSCHEDULABLE_WRITES_IN_FLIGHT)),
         state: Mutex::new(State {
             cache: Cache::default(),
             queue: SchedulingQueue::new(QueueConfig {
@@ -165,9 +167,11 @@ struct Scheduler {
     wake: Notify,
     /// Bindings in flight.
     permits: Arc<Semaphore>,
-    /// Event writes in flight, capped so a burst of "Scheduled" events does not crowd
-    /// out the bindings at the apiserver.
-    event_permits: Arc<Semaphore>,
+    /// PodScheduled=False writes in flight, capped so a burst of unschedulable pods
+    /// does not crowd out the bindings at the apiserver.
+    unschedulable_permits: Arc<Semaphore>,
+    /// Scheduled / FailedScheduling events (queued, written one at a time).
+    events: EventRecorder,
     /// Latest pod objects, for status patches.
     pods: Store<Pod>,
 }
@@ -451,7 +455,13 @@ impl Scheduler {
                 drop(st);
                 tracing::debug!("bound {key} to {node}");
                 let message = format!("Successfully assigned {key} to {node}");
-                self.spawn_event(pod, "Normal", "Scheduled", message);
+                self.events.record(
+                    &self.cfg.scheduler_name,
+                    pod.as_ref(),
+                    "Normal",
+                    "Scheduled",
+                    &message,
+                );
             }
             Err(e) if is_not_found(&e) || (is_conflict(&e) && is_final_conflict(&e)) => {
                 // Deleted, or bound by someone else (or an earlier attempt of ours): the
@@ -472,11 +482,12 @@ impl Scheduler {
                 if woke {
                     self.wake.notify_one();
                 }
-                self.spawn_event(
-                    pod,
+                self.events.record(
+                    &self.cfg.scheduler_name,
+                    pod.as_ref(),
                     "Warning",
                     "FailedScheduling",
-                    format!("Binding rejected: {e}"),
+                    &format!("Binding rejected: {e}"),
                 );
             }
         }
@@ -486,7 +497,7 @@ impl Scheduler {
     /// reports it. The other conditions are kept; the list is sent whole because a JSON
     /// merge patch replaces lists.
     async fn report_unschedulable(self: Arc<Self>, pod: Arc<Pod>, message: String) {
-        let Ok(_permit) = self.event_permits.clone().acquire_owned().await else {
+        let Ok(_permit) = self.unschedulable_permits.clone().acquire_owned().await else {
             return;
         };
         let ns = pod.namespace().unwrap_or_default();
@@ -528,40 +539,13 @@ impl Scheduler {
             Err(e) if is_not_found(&e) => return,
             Err(e) => tracing::warn!("setting PodScheduled on {ns}/{name}: {e}"),
         }
-        record_event(
-            &self.client,
+        self.events.record(
             &self.cfg.scheduler_name,
             latest.as_ref(),
             "Warning",
             "FailedScheduling",
             &message,
-        )
-        .await;
-    }
-
-    /// Events are best effort and must not delay scheduling or binding.
-    fn spawn_event(
-        self: &Arc<Self>,
-        pod: Arc<Pod>,
-        type_: &'static str,
-        reason: &'static str,
-        message: String,
-    ) {
-        let sched = self.clone();
-        tokio::spawn(async move {
-            let Ok(_permit) = sched.event_permits.clone().acquire_owned().await else {
-                return;
-            };
-            record_event(
-                &sched.client,
-                &sched.cfg.scheduler_name,
-                pod.as_ref(),
-                type_,
-                reason,
-                &message,
-            )
-            .await;
-        });
+        );
     }
 }
 
