@@ -9,10 +9,10 @@
 //! - Orphan: an owner with the `orphan` finalizer has its reference removed from every
 //!   dependent, then the finalizer is removed.
 //!
-//! Inputs: one kube-runtime Controller per kind (its store doubles as the dependency
-//! index: "who points at uid X"), and one extra watch per kind that turns an owner's
-//! deletion into reconciles of its dependents (a Controller never reconciles an object
-//! that is gone, so it cannot do this itself). Every decision to delete or patch is
+//! Inputs: one watch per kind feeding a kube-runtime Controller (its store doubles as the
+//! dependency index: "who points at uid X") and, from the same events, the wakeups that
+//! turn an owner's deletion into reconciles of its dependents (a Controller never
+//! reconciles an object that is gone, so it cannot do this itself). Every decision to delete or patch is
 //! re-checked against a fresh GET, never against the (possibly stale) cache.
 
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -70,25 +70,26 @@ pub struct Gc {
 }
 
 pub async fn run(client: Client) {
+    // Stores first (the Gc holds them), then one watch per kind feeding both the
+    // kind's Controller and the owner-change wakeups: every object event is sent and
+    // decoded once for the collector.
     let mut kinds = Vec::new();
-    let mut controllers = Vec::new();
+    let mut writers = Vec::new();
     for plural in KINDS {
         let res = resources::RESOURCES
             .iter()
             .find(|r| r.plural == *plural)
             .expect("GC kind is in the resource table");
         let ar = api_resource(res);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let writer = reflector::store::Writer::new(ar.clone());
         let (tx, rx) = mpsc::unbounded_channel();
-        let ctrl = Controller::new_with(api, watcher::Config::default(), ar.clone())
-            .reconcile_on(UnboundedReceiverStream::new(rx));
         kinds.push(Kind {
             res,
             ar,
-            store: ctrl.store(),
+            store: writer.as_reader(),
             wake: tx,
         });
-        controllers.push(ctrl);
+        writers.push((writer, rx));
     }
     let gc = Arc::new(Gc {
         client: client.clone(),
@@ -96,14 +97,22 @@ pub async fn run(client: Client) {
         backoff: Backoff::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
-    for (idx, ctrl) in controllers.into_iter().enumerate() {
+    for (idx, (writer, rx)) in writers.into_iter().enumerate() {
+        let kind = &gc.kinds[idx];
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.ar);
+        let watching = gc.clone();
+        let objects = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .inspect(move |ev| watching.on_watch_event(idx, ev))
+            .applied_objects();
+        let ctrl = Controller::for_stream_with(objects, kind.store.clone(), kind.ar.clone())
+            .reconcile_on(UnboundedReceiverStream::new(rx));
         let gc2 = gc.clone();
         tasks.spawn(async move {
             let stream = ctrl.run(move |obj, gc| reconcile(obj, gc, idx), error_policy, gc2);
             super::drain(COMPONENT, stream).await;
         });
-        let gc3 = gc.clone();
-        tasks.spawn(watch_owner_changes(gc3, idx));
     }
     // Every task runs forever; the first to end (shutdown) ends the collector.
     tasks.join_next().await;
@@ -125,30 +134,6 @@ fn obj_key(obj: &DynamicObject) -> String {
     )
 }
 
-/// Turns "owner X went away or started deleting" into reconciles of X's dependents, and
-/// "dependent went away" into a reconcile of its owners (a foreground owner may be done).
-async fn watch_owner_changes(gc: Arc<Gc>, idx: usize) {
-    let api: Api<DynamicObject> = Api::all_with(gc.client.clone(), &gc.kinds[idx].ar);
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(ev) = events.next().await {
-        match ev {
-            Ok(Event::Delete(obj)) => {
-                gc.wake_dependents(&obj);
-                gc.wake_owners(&obj);
-            }
-            Ok(Event::Apply(obj) | Event::InitApply(obj))
-                if obj.metadata.deletion_timestamp.is_some() =>
-            {
-                gc.wake_dependents(&obj);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!("gc watch {}: {e}", gc.kinds[idx].res.plural),
-        }
-    }
-}
-
 fn refs(obj: &DynamicObject) -> &[OwnerReference] {
     obj.metadata.owner_references.as_deref().unwrap_or_default()
 }
@@ -158,6 +143,26 @@ fn has_finalizer(obj: &DynamicObject, f: &str) -> bool {
 }
 
 impl Gc {
+    /// Turns "owner X went away or started deleting" into reconciles of X's dependents,
+    /// and "dependent went away" into a reconcile of its owners (a foreground owner may
+    /// be done). A Controller never reconciles an object that is gone, so it cannot do
+    /// this itself.
+    fn on_watch_event(&self, idx: usize, ev: &Result<Event<DynamicObject>, watcher::Error>) {
+        match ev {
+            Ok(Event::Delete(obj)) => {
+                self.wake_dependents(obj);
+                self.wake_owners(obj);
+            }
+            Ok(Event::Apply(obj) | Event::InitApply(obj))
+                if obj.metadata.deletion_timestamp.is_some() =>
+            {
+                self.wake_dependents(obj);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("gc watch {}: {e}", self.kinds[idx].res.plural),
+        }
+    }
+
     /// Dependents of `uid` across all watched kinds, from the caches.
     fn dependents(&self, uid: &str) -> Vec<(usize, Arc<DynamicObject>)> {
         let mut out = Vec::new();
