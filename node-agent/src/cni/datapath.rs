@@ -212,16 +212,37 @@ fn ensure_vxlan(mtu: u32) -> Result<(u32, bool), CniError> {
     Ok((ifindex, created))
 }
 
-/// ifindex and MAC of a link (in the pod netns `netns`, or here).
+/// ifindex and MAC of a link (in the pod netns `netns`, or here), over netlink (no `ip`
+/// process: this runs for every pod).
 pub fn link_info(name: &str, netns: Option<&str>) -> Result<(u32, [u8; 6]), CniError> {
-    let out = match netns {
-        Some(ns) => ip(&["-n", ns, "-o", "link", "show", "dev", name])?,
-        None => ip(&["-o", "link", "show", "dev", name])?,
+    let what = || match netns {
+        Some(ns) => format!("link {name} in netns {ns}"),
+        None => format!("link {name}"),
     };
-    preflight::parse_link(&out).ok_or_else(|| CniError::Command {
-        what: format!("ip link show dev {name}"),
-        detail: format!("unexpected output `{}`", out.trim()),
-    })
+    let err = |e: super::netlink::Error| CniError::Command {
+        what: what(),
+        detail: e.to_string(),
+    };
+    let mut sock = match netns {
+        Some(ns) => super::netlink::Socket::open_in_netns(&super::netlink::netns_path(ns)),
+        None => super::netlink::Socket::open(),
+    }
+    .map_err(err)?;
+    match sock.link_get(name).map_err(err)? {
+        Some(super::netlink::Link {
+            index,
+            mac: Some(mac),
+            ..
+        }) => Ok((index, mac)),
+        Some(_) => Err(CniError::Command {
+            what: what(),
+            detail: "the link has no Ethernet address".into(),
+        }),
+        None => Err(CniError::Command {
+            what: what(),
+            detail: "no such link".into(),
+        }),
+    }
 }
 
 impl std::fmt::Debug for Datapath {

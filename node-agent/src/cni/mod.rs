@@ -1,7 +1,9 @@
 //! Pod networking in process (the CNI role; DESIGN.md "CNI").
 //!
 //! - [`network`]: per pod, a network namespace, a veth pair and a `/32` out of the node's
-//!   podCIDR (`ip` commands), with the allocations on disk.
+//!   podCIDR, with the allocations on disk.
+//! - [`netlink`]: the rtnetlink requests and named network namespaces that setup and
+//!   teardown use (in process: no `ip` per pod).
 //! - [`datapath`]: the eBPF data path (`--pod-network ebpf`, the default): tc programs on
 //!   every pod's host veth and on one VXLAN device in external mode; maps pinned under
 //!   /sys/fs/bpf/skiff/<node>. Checks what the kernel and the node must offer first
@@ -14,6 +16,7 @@
 //! is for several agents sharing one network namespace (the single-host kubelet tests).
 
 pub mod datapath;
+pub mod netlink;
 pub mod network;
 pub mod node_routes;
 pub mod preflight;

@@ -1,4 +1,5 @@
-//! Pod networking, in process (the CNI role), with `ip` commands:
+//! Pod networking, in process (the CNI role), over rtnetlink ([`super::netlink`]; no
+//! process per pod):
 //!
 //! - where the address comes from: the node's `spec.podCIDR` (node IPAM controller); one
 //!   file per allocated address under `<root-dir>/ipam/<ip>` holding the pod's uid, so a
@@ -16,19 +17,19 @@
 //! the pod is handed to the data path (tc programs on the host veth, local pods map);
 //! forwarding between pods and across nodes is its job. Nothing here touches iptables.
 //!
-//! Links are looked up with `ip`, not /sys/class/net: the agent may run in a node network
-//! namespace while /sys still shows the host's.
+//! Links are looked up over netlink, not /sys/class/net: the agent may run in a node
+//! network namespace while /sys still shows the host's.
 
 use std::{
     fs,
     io::{self, Write},
     net::Ipv4Addr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
-    process::Command,
     sync::{Arc, Mutex},
 };
 
-use super::datapath::Datapath;
+use super::{datapath::Datapath, netlink as nl};
 
 /// Prefix of every pod network namespace (`/run/netns/skiff-<12 hex of the uid>`).
 pub const NETNS_PREFIX: &str = "skiff-";
@@ -129,64 +130,6 @@ pub struct PodNetworks {
     datapath: Option<Arc<Datapath>>,
 }
 
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Runs `lines` (ip commands without the leading `ip`) through one `ip -batch -`
-/// process, in network namespace `netns` if given: one process (and for a netns, one
-/// namespace switch, which copies the mount table) instead of one per command. Stops at
-/// the first failing command.
-fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), String> {
-    use std::process::Stdio;
-    let mut cmd = Command::new("ip");
-    if let Some(ns) = netns {
-        cmd.args(["-n", ns]);
-    }
-    let mut child = cmd
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    let input = lines.join("\n") + "\n";
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| format!("writing to ip -batch: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for ip -batch: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip{} -batch ({}): {}",
-            netns.map(|n| format!(" -n {n}")).unwrap_or_default(),
-            lines.join("; "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn link_exists(name: &str) -> bool {
-    ip(&["link", "show", "dev", name]).is_ok()
-}
-
 impl PodNetworks {
     /// Allocation files live in `root_dir/ipam`. `node_ip` becomes the source address of
     /// the host routes when it is not a loopback address.
@@ -277,62 +220,94 @@ impl PodNetworks {
         }
     }
 
-    /// Builds (or completes) the pod's network: netns, veth pair, address, routes.
+    /// Builds (or completes) the pod's network: netns, veth pair, address, routes. Every
+    /// step is a replace (or skipped when done), so a rerun after a failure or a restart
+    /// completes what is missing.
     pub fn setup(&self, uid: &str, cidr: Ipv4Net) -> Result<PodNetwork, String> {
         let ipaddr = self.allocate(uid, cidr)?;
         let ns = netns_name(uid);
         let hv = veth_name(uid);
-        let netns_path = PathBuf::from(format!("/run/netns/{ns}"));
-        let fresh_netns = !netns_path.exists();
-        if fresh_netns {
-            ip(&["netns", "add", &ns])?;
+        let netns_path = nl::netns_path(&ns);
+        let mut fresh_netns = !netns_path.exists();
+        if !fresh_netns && !nl::is_netns_mount(&netns_path) {
+            // A file without a namespace on it (a creation cut short): start over.
+            nl::netns_del(&ns)?;
+            fresh_netns = true;
         }
+        if fresh_netns {
+            nl::netns_add(&ns)?;
+        }
+        let in_ns = |e: nl::Error| format!("{e} (in netns {ns})");
+        let mut host = nl::Socket::open()?;
+        let mut pod = nl::Socket::open_in_netns(&netns_path)?;
         // The pod side lives in the netns; if the host side exists without it (an earlier
         // half-done setup), start the pair over. (A netns made just now has no eth0.)
-        let pod_side_ok = !fresh_netns && ip(&["-n", &ns, "link", "show", "eth0"]).is_ok();
-        let host_side = link_exists(&hv);
+        let pod_side_ok = !fresh_netns && pod.link_get("eth0").map_err(in_ns)?.is_some();
+        let host_side = host.link_get(&hv)?.is_some();
         if host_side && !pod_side_ok {
-            ip(&["link", "del", &hv])?;
+            ignore_missing(host.link_del(&hv))?;
         }
-        let mtu = self.datapath.as_ref().map(|dp| dp.pod_mtu().to_string());
-        // Host side: the pair, its MTU (room for the VXLAN headers on the way to other
-        // nodes), up.
-        let mut host = vec![];
         if !host_side || !pod_side_ok {
             if pod_side_ok {
-                ip(&["-n", &ns, "link", "del", "eth0"])?;
+                ignore_missing(pod.link_del("eth0")).map_err(in_ns)?;
             }
-            host.push(format!("link add {hv} type veth peer name eth0 netns {ns}"));
+            let ns_file = fs::File::open(&netns_path)
+                .map_err(|e| format!("opening network namespace {}: {e}", netns_path.display()))?;
+            host.veth_add(&hv, "eth0", ns_file.as_fd(), &ns)?;
         }
-        if let Some(mtu) = &mtu {
-            host.push(format!("link set {hv} mtu {mtu}"));
-        }
-        host.push(format!("link set {hv} up"));
-        ip_batch(None, &host)?;
+        // Host side: its MTU (room for the VXLAN headers on the way to other nodes), up.
+        let mtu = self.datapath.as_ref().map(|dp| dp.pod_mtu());
+        let host_link = host
+            .link_get(&hv)?
+            .ok_or_else(|| format!("host veth {hv} is gone right after it was set up"))?;
+        host.link_set_up(host_link.index, &hv, mtu)?;
         let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{hv}/proxy_arp"), "1");
-        let (_, mac) = super::datapath::link_info(&hv, None).map_err(|e| e.to_string())?;
-        let mac = super::preflight::format_mac(&mac);
-        let cidr32 = format!("{ipaddr}/32");
-        let gw = GATEWAY;
-        // Pod side, in one namespace switch.
-        let mut pod = vec!["link set lo up".to_string()];
-        if let Some(mtu) = &mtu {
-            pod.push(format!("link set eth0 mtu {mtu}"));
-        }
-        pod.extend([
-            "link set eth0 up".to_string(),
-            format!("addr replace {cidr32} dev eth0"),
-            format!("route replace {gw} dev eth0 scope link"),
-            format!("neigh replace {gw} lladdr {mac} dev eth0 nud permanent"),
-            format!("route replace default via {gw} dev eth0"),
-        ]);
-        ip_batch(Some(&ns), &pod)?;
-        let mut route = vec!["route", "replace", &cidr32, "dev", &hv, "scope", "link"];
-        let src = self.host_src.map(|s| s.to_string());
-        if let Some(s) = &src {
-            route.extend(["src", s.as_str()]);
-        }
-        ip(&route)?;
+        let mac = host_link
+            .mac
+            .ok_or_else(|| format!("host veth {hv} has no Ethernet address"))?;
+        // Pod side: lo and eth0 up, the /32, the gateway as a link route with a permanent
+        // neighbour entry (the host veth's MAC), the default route through it.
+        let lo = pod
+            .link_get("lo")
+            .map_err(in_ns)?
+            .ok_or_else(|| format!("netns {ns} has no lo"))?;
+        pod.link_set_up(lo.index, "lo", None).map_err(in_ns)?;
+        let eth0 = pod
+            .link_get("eth0")
+            .map_err(in_ns)?
+            .ok_or_else(|| format!("netns {ns} has no eth0 (peer of {hv})"))?;
+        let eth0_link = |dst, prefix, gateway, scope| nl::Route {
+            dst,
+            prefix,
+            oif: eth0.index,
+            gateway,
+            src: None,
+            scope,
+        };
+        pod.link_set_up(eth0.index, "eth0", mtu).map_err(in_ns)?;
+        pod.addr_replace(eth0.index, "eth0", ipaddr, 32)
+            .map_err(in_ns)?;
+        pod.route_replace(&eth0_link(GATEWAY, 32, None, nl::Scope::Link), "eth0")
+            .map_err(in_ns)?;
+        pod.neigh_replace_permanent(eth0.index, "eth0", GATEWAY, mac)
+            .map_err(in_ns)?;
+        pod.route_replace(
+            &eth0_link(Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), nl::Scope::Universe),
+            "eth0",
+        )
+        .map_err(in_ns)?;
+        // Host route to the pod.
+        host.route_replace(
+            &nl::Route {
+                dst: ipaddr,
+                prefix: 32,
+                oif: host_link.index,
+                gateway: None,
+                src: self.host_src,
+                scope: nl::Scope::Link,
+            },
+            &hv,
+        )?;
         if let Some(dp) = &self.datapath {
             dp.add_pod(ipaddr, &hv, &ns)
                 .map_err(|e| format!("connecting the pod to the eBPF data path: {e}"))?;
@@ -350,26 +325,38 @@ impl PodNetworks {
         let ns = netns_name(uid);
         let hv = veth_name(uid);
         let mut errs = vec![];
+        let mut host = nl::Socket::open()
+            .map_err(|e| errs.push(e.to_string()))
+            .ok();
+        let host_link = match host.as_mut().map(|h| h.link_get(&hv)) {
+            Some(Ok(link)) => link,
+            Some(Err(e)) => {
+                errs.push(e.to_string());
+                None
+            }
+            None => None,
+        };
         for (ipaddr, u) in self.allocations() {
             if u == uid {
-                let _ = ip(&["route", "del", &format!("{ipaddr}/32"), "dev", &hv]);
+                if let (Some(h), Some(link)) = (host.as_mut(), host_link) {
+                    let _ = h.route_del(ipaddr, 32, link.index, &hv);
+                }
                 if let Some(dp) = &self.datapath {
                     dp.remove_pod(ipaddr);
                 }
             }
         }
-        if Path::new("/run/netns").join(&ns).exists()
-            && let Err(e) = ip(&["netns", "del", &ns])
+        if nl::netns_path(&ns).exists()
+            && let Err(e) = nl::netns_del(&ns)
         {
-            errs.push(e);
+            errs.push(e.to_string());
         }
         // Deleting the netns destroys the pair, asynchronously: the host side may still
-        // be listed for a moment.
-        if link_exists(&hv)
-            && let Err(e) = ip(&["link", "del", &hv])
-            && !e.contains("Cannot find device")
+        // be there for a moment.
+        if let (Some(h), Some(_)) = (host.as_mut(), host_link)
+            && let Err(e) = ignore_missing(h.link_del(&hv))
         {
-            errs.push(e);
+            errs.push(e.to_string());
         }
         self.release(uid);
         if errs.is_empty() {
@@ -377,6 +364,14 @@ impl PodNetworks {
         } else {
             Err(errs.join("; "))
         }
+    }
+}
+
+/// Ok if the link was not there (ENODEV).
+fn ignore_missing(r: Result<(), nl::Error>) -> Result<(), nl::Error> {
+    match r {
+        Err(e) if e.errno == nix::errno::Errno::ENODEV => Ok(()),
+        r => r,
     }
 }
 
@@ -421,6 +416,169 @@ mod tests {
         nets.release("a");
         assert_eq!(nets.allocate("b", cidr).unwrap().to_string(), "10.244.9.2");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Deletes a pod netns on drop (its veth pair goes with it).
+    struct NetnsGuard(String);
+
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = nl::netns_del(&self.0);
+        }
+    }
+
+    fn ip_json(args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&ip(args).unwrap()).unwrap()
+    }
+
+    /// setup twice (a restart), repairs of half-done setups, teardown; the node side in
+    /// a network namespace of this test's own (a thread that unshared one). Needs root.
+    #[test]
+    fn setup_is_idempotent_repairs_and_teardown_removes_everything() {
+        let dir = tempdir();
+        let uid = format!("cccc{:08x}-test", std::process::id());
+        let ns = netns_name(&uid);
+        let _guard = NetnsGuard(ns.clone());
+        let d = dir.clone();
+        let res = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            ip(&["link", "set", "lo", "up"]).unwrap();
+            ip(&["addr", "add", "10.250.0.1/32", "dev", "lo"]).unwrap();
+            let nets = PodNetworks::new(&d, "10.250.0.1".parse().unwrap()).unwrap();
+            let cidr = Ipv4Net::parse("10.251.0.0/24").unwrap();
+            let hv = veth_name(&uid);
+            let a = nets.setup(&uid, cidr).unwrap();
+            assert_eq!(a.ip.to_string(), "10.251.0.2");
+            assert_eq!(
+                (a.netns.as_str(), a.host_veth.as_str()),
+                (ns.as_str(), hv.as_str())
+            );
+            assert_eq!(
+                nets.setup(&uid, cidr).unwrap(),
+                a,
+                "a rerun changes nothing"
+            );
+            let check = || {
+                let routes = ip_json(&["-j", "route", "show", "dev", &hv]);
+                assert_eq!(routes[0]["dst"], "10.251.0.2", "{routes}");
+                assert_eq!(routes[0]["prefsrc"], "10.250.0.1", "{routes}");
+                let pod = ip_json(&["-n", &ns, "-j", "addr", "show", "dev", "eth0"]);
+                assert_eq!(pod[0]["addr_info"][0]["local"], "10.251.0.2", "{pod}");
+                let default = ip_json(&["-n", &ns, "-j", "route", "show", "default"]);
+                assert_eq!(default[0]["gateway"], "169.254.1.1", "{default}");
+                let neigh = ip_json(&["-n", &ns, "-j", "neigh", "show", "169.254.1.1"]);
+                assert_eq!(neigh[0]["state"][0], "PERMANENT", "{neigh}");
+                let arp = fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{hv}/proxy_arp"));
+                assert_eq!(arp.unwrap().trim(), "1");
+            };
+            check();
+            // Pod side gone (the pair with it): setup builds it again.
+            ip(&["-n", &ns, "link", "del", "eth0"]).unwrap();
+            assert_eq!(nets.setup(&uid, cidr).unwrap(), a);
+            check();
+            // A netns file without a namespace on it (creation cut short).
+            nets.teardown(&uid).unwrap();
+            assert!(!a.netns_path.exists());
+            assert!(
+                ip(&["link", "show", "dev", &hv]).is_err(),
+                "host veth removed"
+            );
+            assert!(nets.allocations().is_empty());
+            fs::write(&a.netns_path, "").unwrap();
+            assert_eq!(nets.setup(&uid, cidr).unwrap(), a);
+            check();
+            nets.teardown(&uid).unwrap();
+            nets.teardown(&uid).expect("a second teardown is fine");
+            assert!(!a.netns_path.exists());
+        })
+        .join();
+        let _ = fs::remove_dir_all(&dir);
+        if let Err(panic) = res {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Per-pod CPU of [`PodNetworks::setup`] + [`PodNetworks::teardown`], in a network
+    /// namespace of its own (a thread that unshares one; the pods' netns files go to
+    /// /run/netns as usual and are removed by the teardowns). Root only; run with
+    /// `SKIFF_NET_BENCH_PODS=50 cargo test -p skiff-agent --lib pod_network_cpu -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs root; a measurement, not a check"]
+    fn pod_network_cpu() {
+        let pods: usize = std::env::var("SKIFF_NET_BENCH_PODS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let dir = tempdir();
+        let d = dir.clone();
+        let out = std::thread::spawn(move || -> Result<(f64, f64), String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare: {e}"))?;
+            for l in ["link set lo up", "addr add 10.250.0.1/32 dev lo"] {
+                ip(&l.split(' ').collect::<Vec<_>>())?;
+            }
+            let nets =
+                PodNetworks::new(&d, "10.250.0.1".parse().unwrap()).map_err(|e| e.to_string())?;
+            let cidr = Ipv4Net::parse("10.251.0.0/24").unwrap();
+            let uids: Vec<String> = (0..pods)
+                .map(|i| format!("bbbb{:08x}-{}", i, std::process::id()))
+                .collect();
+            let t0 = cpu_now();
+            let w0 = std::time::Instant::now();
+            let mut res = Ok(());
+            for u in &uids {
+                if let Err(e) = nets.setup(u, cidr) {
+                    res = Err(format!("setup {u}: {e}"));
+                    break;
+                }
+            }
+            let t1 = cpu_now();
+            let w1 = w0.elapsed();
+            for u in &uids {
+                let _ = nets.teardown(u);
+            }
+            let t2 = cpu_now();
+            eprintln!(
+                "{pods} pods: wall {w1:?} setup, {:?} teardown; \
+                 CPU/pod: setup {:.2} ms, teardown {:.2} ms",
+                w0.elapsed() - w1,
+                (t1 - t0) * 1e3 / pods as f64,
+                (t2 - t1) * 1e3 / pods as f64
+            );
+            res.map(|()| (t1 - t0, t2 - t1))
+        })
+        .join()
+        .unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        out.unwrap();
+    }
+
+    fn ip(args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// CPU seconds (user + system) of this process and its waited-for children.
+    fn cpu_now() -> f64 {
+        let t = |who| {
+            // SAFETY: getrusage only writes the rusage struct it is given.
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::getrusage(who, &mut u) }, 0);
+            let tv = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+            tv(u.ru_utime) + tv(u.ru_stime)
+        };
+        t(libc::RUSAGE_SELF) + t(libc::RUSAGE_CHILDREN)
     }
 
     fn tempdir() -> PathBuf {
