@@ -881,13 +881,31 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, manager: &str, now: &s
         Some(Value::Array(a)) if !a.is_empty() && new_mf != old_mf => return,
         _ => {}
     }
-    let mut managed = parse_managed(old);
     let empty = Value::Object(Map::new());
     let (changed, removed) = diff(
         "",
         &strip_untracked(old.unwrap_or(&empty)),
         &strip_untracked(new),
     );
+    if let Some(old) = old
+        && changed.is_empty()
+        && removed.is_empty()
+    {
+        // Nothing tracked changed (a status write, a no-op update): the stored entries
+        // stay exactly as they are, without parsing and re-encoding every manager's set.
+        if let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+            match old.get("metadata").and_then(|m| m.get("managedFields")) {
+                Some(mf) => {
+                    meta.insert("managedFields".into(), mf.clone());
+                }
+                None => {
+                    meta.shift_remove("managedFields");
+                }
+            }
+        }
+        return;
+    }
+    let mut managed = parse_managed(old);
     if !changed.is_empty() || !removed.is_empty() {
         for (_, set) in managed.iter_mut() {
             set.difference(&changed);

@@ -91,10 +91,15 @@ impl SharedObject {
         })
     }
 
-    /// The object as JSON (encoded once).
+    /// The object as JSON (encoded once, except when two watchers race to it).
     pub fn json(&self) -> &[u8] {
-        self.json
-            .get_or_init(|| serde_json::to_vec(&self.value).unwrap_or_default().into())
+        if let Some(json) = self.json.get() {
+            return json;
+        }
+        // Encoded outside the OnceLock: its initializer would block (futex, the whole
+        // tokio worker thread) every other watcher wanting it meanwhile.
+        let json: bytes::Bytes = serde_json::to_vec(&self.value).unwrap_or_default().into();
+        self.json.get_or_init(|| json)
     }
 }
 
@@ -106,9 +111,15 @@ fn decoded(ev: &crate::storage::WatchEvent) -> Option<Arc<SharedObject>> {
         set_rv(&mut v, ev.revision);
         Some(SharedObject::new(v))
     };
-    let memo = ev
-        .memo
-        .get_or_init(|| Arc::new(decode()) as Arc<dyn std::any::Any + Send + Sync>);
+    // Decoded outside the OnceLock so a second watcher never blocks its worker thread
+    // waiting for the first one's decode; a race costs one extra decode.
+    let memo = match ev.memo.get() {
+        Some(memo) => memo,
+        None => {
+            let mine = Arc::new(decode()) as Arc<dyn std::any::Any + Send + Sync>;
+            ev.memo.get_or_init(|| mine)
+        }
+    };
     match memo.downcast_ref::<Option<Arc<SharedObject>>>() {
         Some(shared) => shared.clone(),
         // Another reader put something else in the memo: decode for ourselves.
@@ -197,15 +208,15 @@ fn random_suffix() -> String {
 
 /// Whether a change touches anything but metadata and status (bumps metadata.generation).
 fn spec_changed(old: &Value, new: &Value) -> bool {
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(m) = v.as_object_mut() {
-            m.remove("metadata");
-            m.remove("status");
-        }
-        v
+    // Everything but metadata and status, compared in place (no copies of the objects).
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old != new;
     };
-    strip(old) != strip(new)
+    let tracked = |k: &String| k != "metadata" && k != "status";
+    o.keys().filter(|k| tracked(k)).count() != n.keys().filter(|k| tracked(k)).count()
+        || o.iter()
+            .filter(|(k, _)| tracked(k))
+            .any(|(k, v)| n.get(k) != Some(v))
 }
 
 impl Registry {
@@ -600,11 +611,10 @@ impl Registry {
             }
         }
         let old_gen = old["metadata"]["generation"].as_i64().unwrap_or(1);
-        new["metadata"]["generation"] = json!(if spec_changed(&old, &new) {
-            old_gen + 1
-        } else {
-            old_gen
-        });
+        // Only spec (everything but metadata and status) moves the generation; a status
+        // write cannot change it.
+        let spec_moved = subresource != Some("status") && spec_changed(&old, &new);
+        new["metadata"]["generation"] = json!(if spec_moved { old_gen + 1 } else { old_gen });
         if new["metadata"]
             .get("managedFields")
             .is_none_or(Value::is_null)

@@ -337,21 +337,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let key = key.to_owned();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(internal)?;
-            let kv = txn.open_table(KV).map_err(internal)?;
-            Ok(kv.get(key.as_str()).map_err(internal)?.map(|v| {
-                let (value, create_revision, mod_revision) = v.value();
-                KeyValue {
-                    key: key.clone(),
-                    value: value.to_vec(),
-                    create_revision,
-                    mod_revision,
-                }
-            }))
-        })
-        .await
+        // One key from a read transaction (MVCC: never waits for a writer) takes
+        // microseconds; a trip through the blocking pool would cost two thread
+        // hand-offs, more than the read itself.
+        let txn = self.inner.db.begin_read().map_err(internal)?;
+        let kv = txn.open_table(KV).map_err(internal)?;
+        Ok(kv.get(key).map_err(internal)?.map(|v| {
+            let (value, create_revision, mod_revision) = v.value();
+            KeyValue {
+                key: key.to_owned(),
+                value: value.to_vec(),
+                create_revision,
+                mod_revision,
+            }
+        }))
     }
 
     async fn list(
