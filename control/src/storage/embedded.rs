@@ -267,6 +267,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A row of table `kv` as a KeyValue.
+fn key_value(key: &str, (value, create_revision, mod_revision): (&[u8], i64, i64)) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: value.to_vec(),
+        create_revision,
+        mod_revision,
+    }
+}
+
 /// Checks and applies one operation at `revision` inside a write transaction.
 fn apply(
     kv: &mut redb::Table<&str, (&[u8], i64, i64)>,
@@ -274,15 +284,10 @@ fn apply(
     op: Op,
     revision: Revision,
 ) -> Result<(WatchEvent, Option<KeyValue>)> {
-    let prev = kv.get(key).map_err(internal)?.map(|v| {
-        let (value, create_revision, mod_revision) = v.value();
-        KeyValue {
-            key: key.to_owned(),
-            value: value.to_vec(),
-            create_revision,
-            mod_revision,
-        }
-    });
+    let prev = kv
+        .get(key)
+        .map_err(internal)?
+        .map(|v| key_value(key, v.value()));
     let check = |expected: Option<Revision>| -> Result<&KeyValue> {
         let Some(prev) = prev.as_ref() else {
             return Err(StorageError::NotFound(key.to_owned()));
@@ -342,15 +347,10 @@ impl Store for EmbeddedStore {
         // hand-offs, more than the read itself.
         let txn = self.inner.db.begin_read().map_err(internal)?;
         let kv = txn.open_table(KV).map_err(internal)?;
-        Ok(kv.get(key).map_err(internal)?.map(|v| {
-            let (value, create_revision, mod_revision) = v.value();
-            KeyValue {
-                key: key.to_owned(),
-                value: value.to_vec(),
-                create_revision,
-                mod_revision,
-            }
-        }))
+        Ok(kv
+            .get(key)
+            .map_err(internal)?
+            .map(|v| key_value(key, v.value())))
     }
 
     async fn list(
@@ -380,13 +380,7 @@ impl Store for EmbeddedStore {
                     more = true;
                     break;
                 }
-                let (value, create_revision, mod_revision) = v.value();
-                items.push(KeyValue {
-                    key: key.to_owned(),
-                    value: value.to_vec(),
-                    create_revision,
-                    mod_revision,
-                });
+                items.push(key_value(key, v.value()));
             }
             Ok(ListResult {
                 items,
