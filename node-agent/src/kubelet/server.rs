@@ -592,6 +592,8 @@ const CH_STDERR: u8 = 2;
 const CH_ERROR: u8 = 3;
 const CH_RESIZE: u8 = 4;
 const CH_CLOSE: u8 = 255;
+/// How long an exec waits for the client's Close after sending its own.
+const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The Status sent on the error channel when the command ended.
 pub fn exit_status(cmd: &[String], code: Option<i32>) -> serde_json::Value {
@@ -1013,7 +1015,6 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
         let _ = child.start_kill();
     }
     let status = child.wait().await?;
-    input.abort();
     for r in readers {
         r.abort();
     }
@@ -1022,6 +1023,18 @@ async fn run_exec(socket: WebSocket, req: ExecRequest) -> anyhow::Result<()> {
     m.extend_from_slice(st.to_string().as_bytes());
     let _ = sink.send(Message::Binary(m.into())).await;
     let _ = sink.send(normal_close()).await;
+    // The closing handshake: keep reading until the client answers our Close (or
+    // leaves). Dropping the connection with its frames (stdin, resize) still unread
+    // makes the kernel send a reset, which can destroy the status and Close frames still
+    // on their way to the client: kubectl then fails with "close 1006 (abnormal
+    // closure)" although the command ran.
+    let mut input = input;
+    if tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, &mut input)
+        .await
+        .is_err()
+    {
+        input.abort();
+    }
     Ok(())
 }
 
