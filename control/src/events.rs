@@ -124,16 +124,12 @@ async fn write_events(client: Client, mut rx: mpsc::Receiver<Event>) {
             Correlated::Skip => {}
             Correlated::Create(event) => create(&client, &event).await,
             Correlated::Update(event) => {
-                let api: Api<Event> = Api::namespaced(
-                    client.clone(),
-                    event.metadata.namespace.as_deref().unwrap_or("default"),
-                );
                 let patch = serde_json::json!({
                     "count": event.count,
                     "lastTimestamp": event.last_timestamp,
                     "message": event.message,
                 });
-                match api
+                match events_api(&client, &event)
                     .patch(
                         &event.name_any(),
                         &PatchParams::default(),
@@ -155,12 +151,19 @@ async fn write_events(client: Client, mut rx: mpsc::Receiver<Event>) {
     }
 }
 
-async fn create(client: &Client, event: &Event) {
-    let api: Api<Event> = Api::namespaced(
+/// The Events of `event`'s namespace.
+fn events_api(client: &Client, event: &Event) -> Api<Event> {
+    Api::namespaced(
         client.clone(),
         event.metadata.namespace.as_deref().unwrap_or("default"),
-    );
-    if let Err(e) = api.create(&PostParams::default(), event).await {
+    )
+}
+
+async fn create(client: &Client, event: &Event) {
+    if let Err(e) = events_api(client, event)
+        .create(&PostParams::default(), event)
+        .await
+    {
         tracing::debug!(
             "recording event {} for {}: {e}",
             event.reason.as_deref().unwrap_or_default(),

@@ -498,61 +498,6 @@ mod tests {
         }
     }
 
-    /// Per-pod CPU of [`PodNetworks::setup`] + [`PodNetworks::teardown`], in a network
-    /// namespace of its own (a thread that unshares one; the pods' netns files go to
-    /// /run/netns as usual and are removed by the teardowns). Root only; run with
-    /// `SKIFF_NET_BENCH_PODS=50 cargo test -p skiff-agent --lib pod_network_cpu -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "needs root; a measurement, not a check"]
-    fn pod_network_cpu() {
-        let pods: usize = std::env::var("SKIFF_NET_BENCH_PODS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20);
-        let dir = tempdir();
-        let d = dir.clone();
-        let out = std::thread::spawn(move || -> Result<(f64, f64), String> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("unshare: {e}"))?;
-            for l in ["link set lo up", "addr add 10.250.0.1/32 dev lo"] {
-                ip(&l.split(' ').collect::<Vec<_>>())?;
-            }
-            let nets =
-                PodNetworks::new(&d, "10.250.0.1".parse().unwrap()).map_err(|e| e.to_string())?;
-            let cidr = Ipv4Net::parse("10.251.0.0/24").unwrap();
-            let uids: Vec<String> = (0..pods)
-                .map(|i| format!("bbbb{:08x}-{}", i, std::process::id()))
-                .collect();
-            let t0 = cpu_now();
-            let w0 = std::time::Instant::now();
-            let mut res = Ok(());
-            for u in &uids {
-                if let Err(e) = nets.setup(u, cidr) {
-                    res = Err(format!("setup {u}: {e}"));
-                    break;
-                }
-            }
-            let t1 = cpu_now();
-            let w1 = w0.elapsed();
-            for u in &uids {
-                let _ = nets.teardown(u);
-            }
-            let t2 = cpu_now();
-            eprintln!(
-                "{pods} pods: wall {w1:?} setup, {:?} teardown; \
-                 CPU/pod: setup {:.2} ms, teardown {:.2} ms",
-                w0.elapsed() - w1,
-                (t1 - t0) * 1e3 / pods as f64,
-                (t2 - t1) * 1e3 / pods as f64
-            );
-            res.map(|()| (t1 - t0, t2 - t1))
-        })
-        .join()
-        .unwrap();
-        let _ = fs::remove_dir_all(&dir);
-        out.unwrap();
-    }
-
     fn ip(args: &[&str]) -> Result<String, String> {
         let out = std::process::Command::new("ip")
             .args(args)
@@ -567,18 +512,6 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
-    }
-
-    /// CPU seconds (user + system) of this process and its waited-for children.
-    fn cpu_now() -> f64 {
-        let t = |who| {
-            // SAFETY: getrusage only writes the rusage struct it is given.
-            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-            assert_eq!(unsafe { libc::getrusage(who, &mut u) }, 0);
-            let tv = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
-            tv(u.ru_utime) + tv(u.ru_stime)
-        };
-        t(libc::RUSAGE_SELF) + t(libc::RUSAGE_CHILDREN)
     }
 
     fn tempdir() -> PathBuf {
