@@ -8,7 +8,10 @@
 //!    kubelets' status writes all count;
 //! 2. scheduler alone: with the scheduler stopped, N more pods are created and left
 //!    pending; a fresh scheduler is started and, once it leads, the time to bind them
-//!    all is its own throughput.
+//!    all is its own throughput. Like kube-scheduler, it fills its caches while it waits
+//!    for the Lease (the killed leader's must expire first), so "leader -> first pod
+//!    bound" is what is left of the informer sync after that; the first-to-last rate
+//!    does not depend on it.
 //!
 //! Without cargo bench's `--bench` flag (under `cargo test --bench scheduler`) it runs
 //! at smoke size (100 pods on 10 nodes) so the same code is tested in CI.
@@ -23,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher;
 use skiff_control::hollow::{HollowConfig, HollowNode};
+use skiff_control::objects::PodWithoutManagedFields;
 use support::Component;
 use support::cluster::{Cluster, ClusterOpts};
 
@@ -109,13 +112,18 @@ struct Timeline {
 
 fn watch_pods(c: &Cluster, app: &str) -> Arc<Mutex<Timeline>> {
     let t = Arc::new(Mutex::new(Timeline::default()));
-    let api: Api<Pod> = Api::namespaced(c.client(), NAMESPACE);
+    // Without managedFields: the bench shares the CPUs with what it measures.
+    let api: Api<PodWithoutManagedFields> = Api::namespaced(c.client(), NAMESPACE);
     let cfg = watcher::Config::default().labels(&format!("app={app}"));
     let out = t.clone();
     c.rt.spawn(async move {
         let mut events = watcher(api, cfg).boxed();
         while let Some(ev) = events.next().await {
-            let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = ev else {
+            let Ok(
+                watcher::Event::Apply(PodWithoutManagedFields(p))
+                | watcher::Event::InitApply(PodWithoutManagedFields(p)),
+            ) = ev
+            else {
                 continue;
             };
             let now = Instant::now();
@@ -157,8 +165,14 @@ fn span(times: &HashMap<String, Instant>, from: Instant) -> Duration {
 fn run() -> Result<()> {
     let a = args()?;
     println!(
-        "scheduler bench: {} pods onto {} hollow nodes (release build)",
-        a.pods, a.nodes
+        "scheduler bench: {} pods onto {} hollow nodes ({} build)",
+        a.pods,
+        a.nodes,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     let nodes = (0..a.nodes)
         .map(|i| HollowNode::named(&format!("hollow-{i:03}")))
@@ -222,12 +236,16 @@ fn run() -> Result<()> {
     fresh.wait_leader(Duration::from_secs(60));
     let leader_at = Instant::now();
     wait_for(&t2, "bound", a.pods, |t| t.bound.len())?;
-    let (backlog_span, first_bind) = {
+    let (backlog_span, first_bind, first_to_last) = {
         let t = t2.lock().expect("timeline");
         let first = t.bound.values().min().copied().unwrap_or(leader_at);
+        // The leader line is polled, so bindings may be seen before it: start at
+        // whichever came first.
+        let from = first.min(leader_at);
         (
-            span(&t.bound, leader_at),
+            span(&t.bound, from),
             first.saturating_duration_since(leader_at),
+            span(&t.bound, first),
         )
     };
 
@@ -249,12 +267,12 @@ fn run() -> Result<()> {
         rate(a.pods, backlog_span)
     );
     println!(
-        "| of which: leader -> first pod bound (informer sync) | {:.2} s |",
+        "| of which: leader -> first pod bound (caches filled while standing by) | {:.2} s |",
         first_bind.as_secs_f64()
     );
     println!(
         "| pods bound/s from first to last binding (scheduler alone) | {:.0} |",
-        rate(a.pods, backlog_span.saturating_sub(first_bind))
+        rate(a.pods, first_to_last)
     );
     println!("target: >= 500 pods bound/s (scheduler alone)");
     drop(fresh);

@@ -79,9 +79,11 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs `work` while this process holds the component's Lease. Prints
-/// "{component} {identity} started" and "... is the leader" on stdout (tests and
-/// `cargo xtask up` wait for these lines).
+/// Runs `work` from the start and tells it through `leading` (a future that completes once
+/// this process holds the component's Lease) when it may act: a component can fill its
+/// caches while it stands by, as kube-scheduler does, so a failover acts at once; one that
+/// has nothing to prepare awaits `leading` first. Prints "{component} {identity} started"
+/// and "... is the leader" on stdout (tests and `cargo xtask up` wait for these lines).
 pub async fn run_leader_elected<F, Fut>(
     component: &str,
     args: &ComponentArgs,
@@ -89,7 +91,7 @@ pub async fn run_leader_elected<F, Fut>(
     work: F,
 ) -> anyhow::Result<()>
 where
-    F: FnOnce(kube::Client) -> Fut,
+    F: FnOnce(kube::Client, Leading) -> Fut,
     Fut: Future<Output = ()>,
 {
     anyhow::ensure!(
@@ -111,13 +113,19 @@ where
     let elector = Arc::new(LeaderElector::new(client.clone(), cfg));
     println!("{component} {identity} started");
 
+    let (lead, leading) = tokio::sync::oneshot::channel();
+    let work = work(client, Leading(leading));
+    tokio::pin!(work);
     if args.leader_elect {
         tokio::select! {
             _ = elector.acquire() => {}
+            _ = &mut work => anyhow::bail!("{component}: work stopped unexpectedly"),
             _ = shutdown_signal() => return Ok(()),
         }
         println!("{component} {identity} is the leader");
     }
+    // The work may have dropped its Leading (it never needed to wait): fine.
+    let _ = lead.send(());
 
     let renew = async {
         if args.leader_elect {
@@ -132,7 +140,7 @@ where
             eprintln!("{component} {identity}: leadership lost, exiting");
             std::process::exit(1);
         }
-        _ = work(client) => {
+        _ = &mut work => {
             anyhow::bail!("{component}: work stopped unexpectedly");
         }
         _ = shutdown_signal() => {
@@ -142,4 +150,16 @@ where
         }
     }
     Ok(())
+}
+
+/// Completes once this process leads (see [`run_leader_elected`]); never before.
+pub struct Leading(tokio::sync::oneshot::Receiver<()>);
+
+impl Leading {
+    pub async fn wait(self) {
+        if self.0.await.is_err() {
+            // The component is stopping without ever leading.
+            std::future::pending::<()>().await;
+        }
+    }
 }

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::controllers::{is_conflict, is_not_found, now, now_timestamp};
+use crate::objects::PodWithoutManagedFields;
 
 pub const READY_ANNOTATION: &str = "skiff.dev/hollow-ready";
 
@@ -331,8 +332,11 @@ async fn lease_loop(shared: Arc<Shared>, node: String) {
 
 /// One watch over all pods serves every hollow node.
 async fn pod_loop(shared: Arc<Shared>) {
-    let pods: Api<Pod> = Api::all(shared.client.clone());
-    let mut events = watcher(pods, watcher::Config::default()).boxed();
+    // Without managedFields: the fixture shares the machine with the control plane it
+    // measures, so it decodes no more than it reads.
+    let pods: Api<PodWithoutManagedFields> = Api::all(shared.client.clone());
+    let mut events =
+        crate::objects::without_managed_fields(watcher(pods, watcher::Config::default())).boxed();
     while let Some(ev) = events.next().await {
         let objs = match ev {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
@@ -470,7 +474,8 @@ async fn report_running(shared: &Shared, pod: &Pod, node: &str, index: u32, read
         ),
         ..Default::default()
     };
-    let api: Api<Pod> =
+    // The reply is decoded without managedFields (nothing here reads it).
+    let api: Api<PodWithoutManagedFields> =
         Api::namespaced(shared.client.clone(), &pod.namespace().unwrap_or_default());
     let r = api
         .patch_status(

@@ -633,6 +633,25 @@ fn repr(accept: &str) -> Repr {
     Repr::Full
 }
 
+/// PartialObjectMetadata borrowing the object's metadata (for watch lines).
+#[derive(serde::Serialize)]
+struct PartialMetadata<'a> {
+    kind: &'static str,
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    metadata: &'a Value,
+}
+
+impl<'a> PartialMetadata<'a> {
+    fn of(obj: &'a Value) -> Self {
+        PartialMetadata {
+            kind: "PartialObjectMetadata",
+            api_version: "meta.k8s.io/v1",
+            metadata: &obj["metadata"],
+        }
+    }
+}
+
 fn partial_metadata(obj: &Value) -> Value {
     json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
 }
@@ -819,7 +838,7 @@ impl Ctx<'_> {
                     first_table = false;
                     watch_line(ty, &t)
                 }
-                Repr::Metadata => watch_line(ty, &partial_metadata(&object.value)),
+                Repr::Metadata => watch_line(ty, &PartialMetadata::of(&object.value)),
             }
         });
         // Events already waiting go out in one chunk: one TLS record and one write per
@@ -841,8 +860,15 @@ impl Ctx<'_> {
 }
 
 /// One line of a JSON watch stream.
-fn watch_line(ty: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+/// One watch event as a JSON line (the object is borrowed, not copied).
+fn watch_line(ty: &str, object: &impl serde::Serialize) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Line<'a, T> {
+        #[serde(rename = "type")]
+        ty: &'a str,
+        object: &'a T,
+    }
+    let mut line = serde_json::to_vec(&Line { ty, object }).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }

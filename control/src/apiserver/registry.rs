@@ -550,7 +550,7 @@ impl Registry {
         match subresource {
             Some("status") => {
                 // Only status changes through /status.
-                let status = new.get("status").cloned();
+                let status = new.as_object_mut().and_then(|m| m.remove("status"));
                 new = old.clone();
                 match status {
                     Some(s) => new["status"] = s,
@@ -778,12 +778,14 @@ impl Registry {
                     let Some(old) = old.as_ref() else {
                         return Err(ApiError::not_found(r, name));
                     };
+                    let scale;
                     let base = if subresource == Some("scale") {
-                        to_scale(r, old)?
+                        scale = to_scale(r, old)?;
+                        &scale
                     } else {
-                        old.clone()
+                        old
                     };
-                    let mut out = patch::apply_patch(kind, &base, body)
+                    let mut out = patch::apply_patch(kind, base, body)
                         .map_err(|e| ApiError::new(422, "Invalid", e.to_string()))?;
                     if subresource == Some("scale") {
                         out = from_scale(r, old, &out)?;

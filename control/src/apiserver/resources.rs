@@ -29,7 +29,8 @@ pub struct DecodeError {
 fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
     v: &Value,
 ) -> Result<Value, DecodeError> {
-    let typed: T = serde_path_to_error::deserialize(v.clone()).map_err(|e| DecodeError {
+    // From the borrowed Value: no copy of the whole object per write.
+    let typed: T = serde_path_to_error::deserialize(v).map_err(|e| DecodeError {
         path: e.path().to_string(),
         message: e.inner().to_string(),
     })?;

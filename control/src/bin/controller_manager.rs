@@ -63,7 +63,11 @@ async fn main() -> anyhow::Result<()> {
         "skiff-controller-manager",
         &args.component,
         client,
-        |client| controllers::run_all(client, cfg),
+        |client, leading| async move {
+            // Controllers start their informers only once leading.
+            leading.wait().await;
+            controllers::run_all(client, cfg).await
+        },
     )
     .await
 }

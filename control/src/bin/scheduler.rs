@@ -32,8 +32,12 @@ async fn main() -> anyhow::Result<()> {
         ..SchedulerConfig::default()
     };
     let client = component::client(args.component.kubeconfig.as_ref()).await?;
-    component::run_leader_elected("skiff-scheduler", &args.component, client, |client| {
-        scheduler::run(client, cfg)
-    })
+    // The scheduler's caches fill while it stands by; it places pods only once leading.
+    component::run_leader_elected(
+        "skiff-scheduler",
+        &args.component,
+        client,
+        |client, leading| scheduler::run(client, cfg, leading.wait()),
+    )
     .await
 }

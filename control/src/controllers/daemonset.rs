@@ -57,7 +57,7 @@ pub async fn run(
     let ctrl = Controller::new(ds_api, watcher::Config::default());
     let store = ctrl.store();
     let ctrl = ctrl
-        .owns_stream(pods.events())
+        .owns_shared_stream(pods.events())
         // A node coming, going or changing labels/taints concerns every DaemonSet.
         .watches(
             Api::<Node>::all(client.clone()),

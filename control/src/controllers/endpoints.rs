@@ -228,7 +228,9 @@ pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) 
     let membership = Arc::new(Membership::default());
     let m = membership.clone();
     let ctrl = ctrl
-        .watches_stream(pods.events(), move |pod: Pod| m.services_for(&pod, &store))
+        .watches_shared_stream(pods.events(), move |pod: Arc<Pod>| {
+            m.services_for(&pod, &store)
+        })
         // Someone editing or deleting an Endpoints object gets it put back.
         .watches(
             Api::<Endpoints>::all(client.clone()),

@@ -47,7 +47,9 @@ pub async fn run(client: Client, _cfg: ControllerConfig, pods: Arc<SharedPods>) 
     let m = membership.clone();
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let ctrl = ctrl
-        .watches_stream(pods.events(), move |pod: Pod| m.services_for(&pod, &store))
+        .watches_shared_stream(pods.events(), move |pod: Arc<Pod>| {
+            m.services_for(&pod, &store)
+        })
         // Our slices changed by someone else are put back.
         .owns(Api::<EndpointSlice>::all(client.clone()), managed);
     let ctx = Arc::new(Ctx {

@@ -9,7 +9,8 @@
 //! - Orphan: an owner with the `orphan` finalizer has its reference removed from every
 //!   dependent, then the finalizer is removed.
 //!
-//! Inputs: one watch per kind feeding a kube-runtime Controller (its store doubles as the
+//! Inputs: one metadata-only watch per kind (PartialObjectMetadata, as Kubernetes' collector
+//! uses metadata informers: owners, finalizers and deletion are all in metadata) feeding a kube-runtime Controller (its store doubles as the
 //! dependency index: "who points at uid X") and, from the same events, the wakeups that
 //! turn an owner's deletion into reconciles of its dependents (a Controller never
 //! reconciles an object that is gone, so it cannot do this itself). Every decision to delete or patch is
@@ -19,8 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams,
+    Preconditions,
+};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -51,6 +56,9 @@ pub const KINDS: &[&str] = &[
     "secrets",
 ];
 
+/// What the collector knows of an object: its metadata.
+type Meta = PartialObjectMeta<DynamicObject>;
+
 /// While waiting on dependents, look again this often (the cache may lag the API).
 const POLL: Duration = Duration::from_secs(1);
 /// Safety net for owners of kinds not watched here: their deletion wakes nobody.
@@ -59,8 +67,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 struct Kind {
     res: &'static Resource,
     ar: ApiResource,
-    store: Store<DynamicObject>,
-    wake: mpsc::UnboundedSender<ObjectRef<DynamicObject>>,
+    store: Store<Meta>,
+    wake: mpsc::UnboundedSender<ObjectRef<Meta>>,
 }
 
 pub struct Gc {
@@ -99,7 +107,8 @@ pub async fn run(client: Client) {
     let mut tasks = tokio::task::JoinSet::new();
     for (idx, (writer, rx)) in writers.into_iter().enumerate() {
         let kind = &gc.kinds[idx];
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.ar);
+        // Api<PartialObjectMeta<_>> lists and watches with Accept: ...as=PartialObjectMetadata.
+        let api: Api<Meta> = Api::all_with(client.clone(), &kind.ar);
         let watching = gc.clone();
         let objects = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
@@ -110,7 +119,11 @@ pub async fn run(client: Client) {
             .reconcile_on(UnboundedReceiverStream::new(rx));
         let gc2 = gc.clone();
         tasks.spawn(async move {
-            let stream = ctrl.run(move |obj, gc| reconcile(obj, gc, idx), error_policy, gc2);
+            let stream = ctrl.run(
+                move |obj, gc| reconcile(obj, gc, idx),
+                move |obj, err, gc| error_policy(obj, err, gc, idx),
+                gc2,
+            );
             super::drain(COMPONENT, stream).await;
         });
     }
@@ -118,28 +131,28 @@ pub async fn run(client: Client) {
     tasks.join_next().await;
 }
 
-fn error_policy(obj: Arc<DynamicObject>, err: &Error, gc: Arc<Gc>) -> Action {
-    let key = obj_key(&obj);
+fn error_policy(obj: Arc<Meta>, err: &Error, gc: Arc<Gc>, idx: usize) -> Action {
+    let key = obj_key(&obj, gc.kinds[idx].res);
     let wait = gc.backoff.failed(&key);
     tracing::warn!("gc {key}: {err}; retrying in {wait:?}");
     Action::requeue(wait)
 }
 
-fn obj_key(obj: &DynamicObject) -> String {
-    let kind = obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or("?");
+fn obj_key(obj: &Meta, res: &Resource) -> String {
     format!(
-        "{kind} {}/{}",
+        "{} {}/{}",
+        res.kind,
         obj.namespace().unwrap_or_default(),
         obj.name_any()
     )
 }
 
-fn refs(obj: &DynamicObject) -> &[OwnerReference] {
-    obj.metadata.owner_references.as_deref().unwrap_or_default()
+fn refs(meta: &ObjectMeta) -> &[OwnerReference] {
+    meta.owner_references.as_deref().unwrap_or_default()
 }
 
-fn has_finalizer(obj: &DynamicObject, f: &str) -> bool {
-    obj.finalizers().iter().any(|x| x == f)
+fn has_finalizer(meta: &ObjectMeta, f: &str) -> bool {
+    meta.finalizers.iter().flatten().any(|x| x == f)
 }
 
 impl Gc {
@@ -147,7 +160,7 @@ impl Gc {
     /// and "dependent went away" into a reconcile of its owners (a foreground owner may
     /// be done). A Controller never reconciles an object that is gone, so it cannot do
     /// this itself.
-    fn on_watch_event(&self, idx: usize, ev: &Result<Event<DynamicObject>, watcher::Error>) {
+    fn on_watch_event(&self, idx: usize, ev: &Result<Event<Meta>, watcher::Error>) {
         match ev {
             Ok(Event::Delete(obj)) => {
                 self.wake_dependents(obj);
@@ -164,11 +177,11 @@ impl Gc {
     }
 
     /// Dependents of `uid` across all watched kinds, from the caches.
-    fn dependents(&self, uid: &str) -> Vec<(usize, Arc<DynamicObject>)> {
+    fn dependents(&self, uid: &str) -> Vec<(usize, Arc<Meta>)> {
         let mut out = Vec::new();
         for (i, k) in self.kinds.iter().enumerate() {
             for o in k.store.state() {
-                if refs(&o).iter().any(|r| r.uid == uid) {
+                if refs(&o.metadata).iter().any(|r| r.uid == uid) {
                     out.push((i, o));
                 }
             }
@@ -176,7 +189,7 @@ impl Gc {
         out
     }
 
-    fn wake(&self, idx: usize, obj: &DynamicObject) {
+    fn wake(&self, idx: usize, obj: &Meta) {
         let k = &self.kinds[idx];
         let mut r = ObjectRef::new_with(&obj.name_any(), k.ar.clone());
         if let Some(ns) = obj.namespace() {
@@ -185,15 +198,15 @@ impl Gc {
         let _ = k.wake.send(r);
     }
 
-    fn wake_dependents(&self, owner: &DynamicObject) {
+    fn wake_dependents(&self, owner: &Meta) {
         let Some(uid) = owner.uid() else { return };
         for (i, d) in self.dependents(&uid) {
             self.wake(i, &d);
         }
     }
 
-    fn wake_owners(&self, dependent: &DynamicObject) {
-        for r in refs(dependent) {
+    fn wake_owners(&self, dependent: &Meta) {
+        for r in refs(&dependent.metadata) {
             if let Some(i) = self
                 .kinds
                 .iter()
@@ -247,18 +260,18 @@ enum OwnerState {
     Waiting,
 }
 
-async fn reconcile(obj: Arc<DynamicObject>, gc: Arc<Gc>, idx: usize) -> Result<Action> {
-    let key = obj_key(&obj);
+async fn reconcile(obj: Arc<Meta>, gc: Arc<Gc>, idx: usize) -> Result<Action> {
     let res = gc.kinds[idx].res;
+    let key = obj_key(&obj, res);
     let action = if obj.metadata.deletion_timestamp.is_some() {
-        if has_finalizer(&obj, ORPHAN) {
+        if has_finalizer(&obj.metadata, ORPHAN) {
             orphan_dependents(&gc, &obj, res).await?
-        } else if has_finalizer(&obj, FOREGROUND) {
+        } else if has_finalizer(&obj.metadata, FOREGROUND) {
             delete_dependents_first(&gc, &obj, res).await?
         } else {
             Action::await_change()
         }
-    } else if refs(&obj).is_empty() {
+    } else if refs(&obj.metadata).is_empty() {
         Action::await_change()
     } else {
         collect_if_orphaned(&gc, &obj, res).await?
@@ -268,13 +281,13 @@ async fn reconcile(obj: Arc<DynamicObject>, gc: Arc<Gc>, idx: usize) -> Result<A
 }
 
 /// The dependent side: delete it when no owner is alive, drop references to dead owners.
-async fn collect_if_orphaned(gc: &Gc, cached: &DynamicObject, res: &Resource) -> Result<Action> {
+async fn collect_if_orphaned(gc: &Gc, cached: &Meta, res: &Resource) -> Result<Action> {
     let ns = cached.namespace();
     // Graph first, as Kubernetes' collector does: when every owner is in the caches with
     // the same uid and is not being deleted, there is nothing to do and no request is
     // made (an owner's later deletion wakes this object again through
     // `watch_owner_changes`). Only a possibly dangling or leaving owner is checked live.
-    if refs(cached)
+    if refs(&cached.metadata)
         .iter()
         .all(|r| gc.cached_owner_is_solid(r, ns.as_deref()))
     {
@@ -282,16 +295,16 @@ async fn collect_if_orphaned(gc: &Gc, cached: &DynamicObject, res: &Resource) ->
     }
     let api = gc.api(res, ns.as_deref());
     // Decide on the live object: the cache may predate an orphaning patch.
-    let Some(obj) = api.get_opt(&cached.name_any()).await? else {
+    let Some(obj) = api.get_metadata_opt(&cached.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    if obj.metadata.deletion_timestamp.is_some() || refs(&obj).is_empty() {
+    if obj.metadata.deletion_timestamp.is_some() || refs(&obj.metadata).is_empty() {
         return Ok(Action::await_change());
     }
     let mut solid = Vec::new();
     let mut dead = 0;
     let mut waiting = 0;
-    for r in refs(&obj) {
+    for r in refs(&obj.metadata) {
         match owner_state(gc, r, ns.as_deref()).await? {
             OwnerState::Solid => solid.push(r.clone()),
             OwnerState::Dangling => dead += 1,
@@ -345,10 +358,13 @@ async fn owner_state(gc: &Gc, r: &OwnerReference, ns: Option<&str>) -> Result<Ow
         return Ok(OwnerState::Solid);
     };
     let api = gc.api(res, ns);
-    match api.get_opt(&r.name).await? {
+    match api.get_metadata_opt(&r.name).await? {
         None => Ok(OwnerState::Dangling),
         Some(o) if o.uid().as_deref() != Some(r.uid.as_str()) => Ok(OwnerState::Dangling),
-        Some(o) if o.metadata.deletion_timestamp.is_some() && has_finalizer(&o, FOREGROUND) => {
+        Some(o)
+            if o.metadata.deletion_timestamp.is_some()
+                && has_finalizer(&o.metadata, FOREGROUND) =>
+        {
             Ok(OwnerState::Waiting)
         }
         Some(_) => Ok(OwnerState::Solid),
@@ -357,7 +373,7 @@ async fn owner_state(gc: &Gc, r: &OwnerReference, ns: Option<&str>) -> Result<Ow
 
 /// Foreground deletion, owner side: wake the dependents (their reconcile deletes them)
 /// and drop the finalizer once nothing blocking is left.
-async fn delete_dependents_first(gc: &Gc, owner: &DynamicObject, res: &Resource) -> Result<Action> {
+async fn delete_dependents_first(gc: &Gc, owner: &Meta, res: &Resource) -> Result<Action> {
     let uid = owner.uid().unwrap_or_default();
     let deps = gc.dependents(&uid);
     let mut blocking = 0;
@@ -365,7 +381,7 @@ async fn delete_dependents_first(gc: &Gc, owner: &DynamicObject, res: &Resource)
         if d.metadata.deletion_timestamp.is_none() {
             gc.wake(*i, d);
         }
-        if refs(d)
+        if refs(&d.metadata)
             .iter()
             .any(|r| r.uid == uid && r.block_owner_deletion == Some(true))
         {
@@ -380,16 +396,19 @@ async fn delete_dependents_first(gc: &Gc, owner: &DynamicObject, res: &Resource)
 }
 
 /// Orphan deletion: remove the owner from every dependent, then the finalizer.
-async fn orphan_dependents(gc: &Gc, owner: &DynamicObject, res: &Resource) -> Result<Action> {
+async fn orphan_dependents(gc: &Gc, owner: &Meta, res: &Resource) -> Result<Action> {
     let uid = owner.uid().unwrap_or_default();
     for (i, d) in gc.dependents(&uid) {
         let dres = gc.kinds[i].res;
         let api = gc.api(dres, d.namespace().as_deref());
-        let Some(live) = api.get_opt(&d.name_any()).await? else {
+        let Some(live) = api.get_metadata_opt(&d.name_any()).await? else {
             continue;
         };
-        let kept: Vec<&OwnerReference> = refs(&live).iter().filter(|r| r.uid != uid).collect();
-        if kept.len() == refs(&live).len() {
+        let kept: Vec<&OwnerReference> = refs(&live.metadata)
+            .iter()
+            .filter(|r| r.uid != uid)
+            .collect();
+        if kept.len() == refs(&live.metadata).len() {
             continue;
         }
         let patch = json!({"metadata": {"resourceVersion": live.resource_version(), "ownerReferences": kept}});
@@ -399,7 +418,7 @@ async fn orphan_dependents(gc: &Gc, owner: &DynamicObject, res: &Resource) -> Re
     Ok(Action::await_change())
 }
 
-async fn remove_finalizer(gc: &Gc, owner: &DynamicObject, res: &Resource, f: &str) -> Result<()> {
+async fn remove_finalizer(gc: &Gc, owner: &Meta, res: &Resource, f: &str) -> Result<()> {
     let api = gc.api(res, owner.namespace().as_deref());
     let rest: Vec<&String> = owner.finalizers().iter().filter(|x| *x != f).collect();
     // The resourceVersion turns a concurrent change into a 409 and a retry.

@@ -371,7 +371,7 @@ pub async fn run(
         .watches_stream(lease_events, |l: Lease| Some(ObjectRef::new(&l.name_any())))
         // A pod landing on (or changing on) an unhealthy node needs a decision. Healthy
         // nodes are not woken by their pods.
-        .watches_stream(shared_pods.events(), move |p: Pod| {
+        .watches_shared_stream(shared_pods.events(), move |p: Arc<Pod>| {
             let node = p.spec.as_ref().and_then(|s| s.node_name.clone())?;
             let r = ObjectRef::new(&node);
             node_store

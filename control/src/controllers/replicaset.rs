@@ -110,7 +110,7 @@ pub async fn run(client: Client, events: EventRecorder, shared_pods: Arc<SharedP
     let store = ctrl.store();
     // One pod watch serves both triggers: the controlling ReplicaSet, or for an orphan
     // every ReplicaSet in its namespace whose selector matches (adoption).
-    let ctrl = ctrl.watches_stream(pod_events, move |pod: Pod| {
+    let ctrl = ctrl.watches_shared_stream(pod_events, move |pod: Arc<Pod>| {
         let ns = pod.namespace().unwrap_or_default();
         if let Some(owner) = controller_ref(&pod.metadata) {
             if owner.kind == "ReplicaSet" {

@@ -4,8 +4,13 @@
 //! into a cache five times (most of the controller-manager's CPU while the scheduler binds
 //! hundreds of pods a second), and the apiserver served five more pod watches.
 //!
-//! Controllers take `events()` as a trigger stream (`Controller::watches_stream`) and may
-//! read `store()` instead of listing pods from the apiserver.
+//! The cached pods have no managedFields ([`PodWithoutManagedFields`]): no controller reads
+//! them, and they are most of a pod's decoding cost.
+//!
+//! Controllers take `events()` as a shared trigger stream
+//! (`Controller::watches_shared_stream` / `owns_shared_stream`: the pod is handed out as
+//! the one `Arc`, never copied per controller) and may read `store()` instead of listing
+//! pods from the apiserver.
 
 use std::sync::Arc;
 
@@ -16,6 +21,8 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::broadcast;
+
+use crate::objects::{PodWithoutManagedFields, without_managed_fields};
 
 /// Pod changes buffered per subscriber before it counts as lagging (it then gets every
 /// cached pod as a trigger instead, which level-triggered controllers take in stride).
@@ -51,18 +58,18 @@ impl SharedPods {
     }
 
     /// Every pod that is added, changes or is deleted from now on (the deleted pod's last
-    /// state), for `Controller::watches_stream` / `owns_stream`.
-    pub fn events(&self) -> impl Stream<Item = Result<Pod, watcher::Error>> + Send + 'static {
+    /// state), for `Controller::watches_shared_stream` / `owns_shared_stream`.
+    pub fn events(&self) -> impl Stream<Item = Arc<Pod>> + Send + 'static {
         let rx = self.changes.subscribe();
         let store = self.store.clone();
         futures::stream::unfold((rx, store), |(mut rx, store)| async move {
-            let batch: Vec<Result<Pod, watcher::Error>> = match rx.recv().await {
-                Ok(pod) => vec![Ok(Pod::clone(&pod))],
+            let batch: Vec<Arc<Pod>> = match rx.recv().await {
+                Ok(pod) => vec![pod],
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(
                         "a controller fell {n} pod events behind; waking it for every pod"
                     );
-                    store.state().iter().map(|p| Ok(Pod::clone(p))).collect()
+                    store.state()
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             };
@@ -75,10 +82,10 @@ impl SharedPods {
 impl PodWatch {
     /// Watches pods, filling the cache and fanning changes out, until the stream ends.
     pub async fn run(self) {
-        let api: Api<Pod> = Api::all(self.client);
+        let api: Api<PodWithoutManagedFields> = Api::all(self.client);
         let mut changes = reflector::reflector(
             self.writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
+            without_managed_fields(watcher(api, watcher::Config::default()).default_backoff()),
         )
         .touched_objects()
         .boxed();

@@ -37,6 +37,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::controllers::{is_conflict, is_not_found, key_of, now};
 use crate::events::EventRecorder;
+use crate::objects::{PodWithoutManagedFields, without_managed_fields};
 use cache::{Cache, PodChange};
 use pod_info::{PodInfo, bound_node, is_terminated, wants_scheduling};
 use queue::{ClusterEvent, Popped, QueueConfig, SchedulingQueue};
@@ -79,7 +80,14 @@ const ASSUMED_POD_TTL: Duration = Duration::from_secs(30);
 const UNSCHEDULABLE_WRITES_IN_FLIGHT: usize = 8;
 
 /// Runs the scheduler until the watches end (they retry on errors, so: forever).
-pub async fn run(client: Client, cfg: SchedulerConfig) {
+/// Watches nodes and pods from the start and places pods once `leading` completes (a
+/// standby scheduler keeps warm caches, as kube-scheduler does, so a failover places pods
+/// at once instead of first listing every pod).
+pub async fn run(
+    client: Client,
+    cfg: SchedulerConfig,
+    leading: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let (node_store, node_writer) = reflector::store::<Node>();
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let node_events = reflector::reflector(
@@ -89,8 +97,13 @@ pub async fn run(client: Client, cfg: SchedulerConfig) {
     );
     let pod_events = reflector::reflector(
         pod_writer,
-        watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        without_managed_fields(
+            watcher::watcher(
+                Api::<PodWithoutManagedFields>::all(client.clone()),
+                watcher::Config::default(),
+            )
             .default_backoff(),
+        ),
     );
     let sched = Arc::new(Scheduler {
         events: EventRecorder::new(client.clone()),
@@ -135,6 +148,7 @@ pub async fn run(client: Client, cfg: SchedulerConfig) {
                 return;
             }
             tracing::info!("scheduler caches synced");
+            leading.await;
             sched.scheduling_loop().await;
         }
     });
