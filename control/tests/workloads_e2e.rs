@@ -624,6 +624,17 @@ fn scheduler_failover_binds_each_pod_once() {
     );
     c.wait_ready_pods("ha", "a", 8, WAIT);
     assert!(!standby.is_leader(), "only one scheduler leads");
+    // Warm standby, as kube-scheduler: its caches are filled before it leads.
+    let synced_by = std::time::Instant::now() + Duration::from_secs(20);
+    while !standby.logged("scheduler caches synced") {
+        assert!(
+            std::time::Instant::now() < synced_by,
+            "the standby scheduler did not fill its caches\n{}",
+            standby.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!standby.is_leader(), "only one scheduler leads");
 
     // The leader dies without releasing its Lease; the standby takes over once it
     // expires and places the next pods.

@@ -498,6 +498,13 @@ impl Component {
             .contains("is the leader")
     }
 
+    /// Whether the component's log (stderr) has a line containing `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.stderr)
+            .unwrap_or_default()
+            .contains(text)
+    }
+
     pub fn wait_leader(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.is_leader() {
