@@ -652,8 +652,9 @@ impl<'a> PartialMetadata<'a> {
     }
 }
 
+/// The same PartialObjectMetadata as a Value (list items and single objects).
 fn partial_metadata(obj: &Value) -> Value {
-    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+    json!(PartialMetadata::of(obj))
 }
 
 struct Ctx<'a> {
