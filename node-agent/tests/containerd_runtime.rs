@@ -22,6 +22,7 @@ use std::{
 
 use skiff_agent::kubelet::{
     containerd_process::{ContainerdProcess, unmount_under},
+    oci_runtime::{OciRuntime, OciRuntimeChoice},
     runtime::{
         ContainerConfig, ContainerState, PullPolicy, Runtime, RuntimeError, TaskIo, cgroup_dirs,
         remove_cgroup_tree,
@@ -136,9 +137,17 @@ async fn containerd_runtime_end_to_end() {
         t.elapsed().as_millis(),
         containerd.pid()
     );
+    // The agent's default: crun where it works (`cargo xtask setup` makes it work here).
+    let (oci, why_runc) = OciRuntime::choose(OciRuntimeChoice::Auto).unwrap();
+    println!(
+        "OCI runtime: {} {}",
+        oci.binary.display(),
+        why_runc.unwrap_or_default()
+    );
     let rt = Runtime::connect(containerd.socket(), &node)
         .await
-        .expect("connect to containerd");
+        .expect("connect to containerd")
+        .with_oci_runtime(oci.clone());
     println!(
         "containerd version {}, namespace {}",
         rt.version().await.unwrap(),
@@ -227,6 +236,20 @@ async fn containerd_runtime_end_to_end() {
     assert_eq!(
         rt.status("c1").await.unwrap(),
         ContainerState::Running { pid: pid1 }
+    );
+    // The chosen OCI runtime ran it: its own state of c1 is in the shim's runtime root
+    // (crun cannot read runc's state, so this fails if the shim ignored the options).
+    let oci_root = format!("/run/containerd/runc/{}", rt.namespace());
+    let state = Command::new(&oci.binary)
+        .args(["--root", &oci_root, "state", "c1"])
+        .output()
+        .expect("run the OCI runtime");
+    let state_json = String::from_utf8_lossy(&state.stdout);
+    assert!(
+        state.status.success() && state_json.contains(r#""status": "running""#),
+        "{} state c1: {state_json} {}",
+        oci.binary.display(),
+        String::from_utf8_lossy(&state.stderr)
     );
     // cgroup: the per-node parent, in the v2 hierarchy too.
     let dirs1 = cgroup_dirs(&cg1);

@@ -5,7 +5,9 @@
 //! Steps:
 //! 1. Debian packages ([`APT_PACKAGES`]), checked with dpkg-query; `apt-get update` and
 //!    `apt-get install` only for missing ones.
-//! 2. bpffs mounted at /sys/fs/bpf (where the agent pins maps).
+//! 2. bpffs mounted at /sys/fs/bpf (where the agent pins maps); on a hybrid cgroup host,
+//!    the controllers of the cgroup2 hierarchy moved to v1 hierarchies so that crun runs
+//!    ([`cgroup_layout_for_crun`]).
 //! 3. rustup: nightly toolchain + rust-src (eBPF builds), rustfmt + clippy on stable, and
 //!    the stable x86_64-unknown-linux-musl target (the static echo server of
 //!    `cargo xtask images`; Rust's musl target links with its own crt, no musl-tools).
@@ -42,6 +44,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "iptables",
     "containerd",
     "runc",
+    // The OCI runtime the agent prefers (see node-agent/src/kubelet/oci_runtime.rs).
+    "crun",
     "docker-registry",
     "skopeo",
     "busybox-static",
@@ -73,6 +77,7 @@ pub fn run(args: &Args) -> Result<()> {
     let started = std::time::Instant::now();
     apt()?;
     bpffs()?;
+    cgroup_layout_for_crun();
     rust_toolchains()?;
     bpf_linker()?;
     kubectl_latest(args.refresh_kubectl)?;
@@ -124,6 +129,57 @@ fn apt() -> Result<()> {
     )?;
     say("apt", format_args!("installed {} packages", missing.len()));
     Ok(())
+}
+
+/// crun refuses the hybrid cgroup layout while the cgroup2 hierarchy at
+/// /sys/fs/cgroup/unified has controllers (typically hugetlb, the one controller no v1
+/// hierarchy claimed). Mounting each as a v1 hierarchy takes it out of cgroup2; nothing
+/// uses it there (a controller in use in cgroup2 cannot move: the mount fails, and the
+/// agent then runs runc and says why).
+fn cgroup_layout_for_crun() {
+    const ROOT: &str = "/sys/fs/cgroup";
+    let unified = Path::new(ROOT).join("unified");
+    let is_cgroup2 = |p: &Path| {
+        output(Command::new("stat").args(["-f", "-c", "%T"]).arg(p))
+            .as_deref()
+            .map(str::trim)
+            == Some("cgroup2fs")
+    };
+    if !is_cgroup2(&unified) || is_cgroup2(Path::new(ROOT)) {
+        say("cgroups", "not the hybrid layout: nothing to do for crun");
+        return;
+    }
+    let controllers =
+        std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.trim().is_empty() {
+        say(
+            "cgroups",
+            "hybrid layout, cgroup2 has no controllers: crun runs",
+        );
+        return;
+    }
+    for c in controllers.split_whitespace() {
+        let dir = Path::new(ROOT).join(c);
+        let mounted = std::fs::create_dir_all(&dir).is_ok()
+            && Command::new("mount")
+                .args(["-t", "cgroup", "-o", c, "cgroup"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+        if mounted {
+            say(
+                "cgroups",
+                format_args!("moved controller {c} from cgroup2 to {}", dir.display()),
+            );
+        } else {
+            say(
+                "cgroups",
+                format_args!(
+                    "cannot move controller {c} out of cgroup2: the agent will use runc, not crun"
+                ),
+            );
+        }
+    }
 }
 
 fn bpffs() -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! `skiff-agent --node-name N --kubeconfig K --containerd-address SOCK [--root-dir DIR]
 //!  [--insecure-registry 127.0.0.1:PORT ...] [--node-ip IP] [--port 10250]
-//!  [--bind-address IP] [--manifest-dir DIR] [--pod-logs-dir /var/log/pods]` (as root).
+//!  [--bind-address IP] [--manifest-dir DIR] [--pod-logs-dir /var/log/pods]
+//!  [--oci-runtime auto|crun|runc]` (as root).
 //! Serves the kubelet API (logs, exec) over HTTPS; runs the static pods of DIR, with
 //! mirror pods in the API. Prints "skiff-agent <node> ready" on stdout once the Node is
 //! registered. Container logs rotate by size (`--container-log-max-size 10Mi`,
@@ -16,7 +17,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use clap::Parser;
 use skiff_agent::{
     cni::PodNetworkMode,
-    kubelet::agent::{self, AgentConfig},
+    kubelet::{
+        agent::{self, AgentConfig},
+        oci_runtime::{OciRuntime, OciRuntimeChoice},
+    },
     proxy::ProxyMode,
 };
 
@@ -83,6 +87,10 @@ struct Args {
     /// kubelet's containerLogMaxFiles.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
     container_log_max_files: u32,
+    /// The OCI runtime containerd's runc shim runs: `auto` (crun when it is installed and
+    /// supports this host's cgroup layout, else runc), `crun` or `runc`.
+    #[arg(long, value_enum, default_value_t = OciRuntimeChoice::Auto)]
+    oci_runtime: OciRuntimeChoice,
 }
 
 fn parse_log_size(s: &str) -> Result<u64, String> {
@@ -137,6 +145,13 @@ async fn agent_main() -> anyhow::Result<()> {
         max_size: a.container_log_max_size,
         max_files: a.container_log_max_files as usize,
     };
+    let (oci_runtime, why_runc) = OciRuntime::choose(a.oci_runtime)
+        .map_err(|e| anyhow::anyhow!("--oci-runtime crun: {e}"))?;
+    match why_runc {
+        Some(why) => tracing::info!("OCI runtime: runc ({why})"),
+        None => tracing::info!("OCI runtime: {}", oci_runtime.binary.display()),
+    }
+    cfg.oci_runtime = oci_runtime;
     let node = cfg.node_name.clone();
     let run = agent::run(cfg, move || {
         use std::io::Write;

@@ -77,6 +77,8 @@ pub struct AgentConfig {
     /// Container log rotation (`--container-log-max-size`, `--container-log-max-files`),
     /// done by each container's log copier, see [`super::cri_log`].
     pub container_log: super::cri_log::Rotation,
+    /// The OCI runtime the shim runs (`--oci-runtime`, resolved).
+    pub oci_runtime: super::oci_runtime::OciRuntime,
 }
 
 impl AgentConfig {
@@ -101,6 +103,7 @@ impl AgentConfig {
                 .join(node_name),
             proxy_mode: ProxyMode::Ebpf,
             container_log: super::cri_log::Rotation::default(),
+            oci_runtime: Default::default(),
         }
     }
 }
@@ -165,7 +168,8 @@ impl Kubelet {
                     "connected to containerd at {}",
                     self.cfg.containerd_address.display()
                 );
-                *self.runtime.write().await = Some(rt);
+                *self.runtime.write().await =
+                    Some(rt.with_oci_runtime(self.cfg.oci_runtime.clone()));
             }
             Ok(Err(e)) => tracing::debug!("containerd: {e}"),
             Err(_) => tracing::debug!("containerd: connect timed out"),

@@ -177,7 +177,7 @@ impl ContainerdProcess {
     }
 
     /// For each task bundle under state/io.containerd.runtime.v2.task/<namespace>/<id>:
-    /// SIGKILL the container's init (init.pid), `runc delete --force` it (removes its
+    /// SIGKILL the container's init (init.pid), `crun`/`runc delete --force` it (removes its
     /// cgroups) and unmount its rootfs; SIGKILL the shims (see [`Self::shim_pids`]).
     /// Returns the namespaces' runc roots (/run/containerd/runc/<namespace>).
     fn kill_leftover_tasks(&self) -> Vec<PathBuf> {
@@ -198,15 +198,18 @@ impl ContainerdProcess {
                 if let Some(pid) = read_pid(&bundle.join("init.pid")) {
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }
-                // The runc shim's default runc root is /run/containerd/runc/<namespace>.
+                // The runc shim's runtime root is /run/containerd/runc/<namespace>, whichever
+                // OCI runtime it ran (see super::oci_runtime); the other one finds nothing.
                 let runc_root = Path::new("/run/containerd/runc").join(ns.file_name());
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", &id])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+                for oci_runtime in ["crun", "runc"] {
+                    let _ = Command::new(oci_runtime)
+                        .arg("--root")
+                        .arg(&runc_root)
+                        .args(["delete", "--force", &id])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
                 let _ =
                     nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
             }

@@ -13,6 +13,7 @@
 //! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
 //!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
 //!   shim, status, stop, delete, list for adoption.
+//! - [`oci_runtime`]: which OCI runtime the shim runs (crun where it works, else runc).
 //! - [`static_pods`]: pods from the files of `--manifest-dir`, with mirror pods in the API.
 //! - [`cri_log`]: container logs in the CRI layout and format (a log copier per
 //!   container, run by the shim), read back for containerLogs.
@@ -27,6 +28,7 @@ pub mod cri_log;
 pub mod env;
 
 pub mod node;
+pub mod oci_runtime;
 pub mod pod_status;
 pub mod pod_worker;
 pub mod probes;

@@ -12,6 +12,7 @@
 //! Running: an OCI runtime spec (oci-spec) built from the image config and the container's
 //! settings, a writable snapshot on top of the image's chain ID, a container record, then a
 //! task through the runc v2 shim whose stdout/stderr go to a log file (`file://` IO).
+//! The shim runs crun or runc as the OCI runtime ([`super::oci_runtime`]).
 
 use std::{
     collections::HashMap,
@@ -315,9 +316,17 @@ pub struct Runtime {
     /// digest; content is immutable), so looking an image up costs two calls
     /// (image record, snapshot) instead of five.
     image_infos: Arc<Mutex<HashMap<(String, String), ImageInfo>>>,
+    /// The OCI runtime binary the runc shim runs for new containers.
+    oci_runtime: super::oci_runtime::OciRuntime,
 }
 
 impl Runtime {
+    /// New containers run with this OCI runtime (default runc); see [`super::oci_runtime`].
+    pub fn with_oci_runtime(mut self, oci_runtime: super::oci_runtime::OciRuntime) -> Self {
+        self.oci_runtime = oci_runtime;
+        self
+    }
+
     /// Connects to containerd's socket and makes sure the node's namespace exists.
     pub async fn connect(socket: impl AsRef<Path>, node: &str) -> Result<Self> {
         let socket = socket.as_ref().to_path_buf();
@@ -335,6 +344,7 @@ impl Runtime {
             node: node.to_string(),
             socket,
             image_infos: Arc::default(),
+            oci_runtime: Default::default(),
         };
         let mut labels = HashMap::new();
         labels.insert("skiff.io/node".to_string(), node.to_string());
@@ -1196,7 +1206,7 @@ impl Runtime {
             image: image.name.clone(),
             runtime: Some(ContainerRuntime {
                 name: RUNTIME_NAME.into(),
-                options: None,
+                options: self.oci_runtime.shim_options(),
             }),
             spec: Some(prost_types::Any {
                 type_url: SPEC_TYPE_URL.into(),
