@@ -138,6 +138,8 @@ async fn containerd_runtime_end_to_end() {
         containerd.pid()
     );
     // The agent's default: crun where it works (`cargo xtask setup` makes it work here).
+    // Through containerd's runc shim (`--container-shim runc`); the agent's default,
+    // skiff's shim, runs every end-to-end test in tests/.
     let (oci, why_runc) = OciRuntime::choose(OciRuntimeChoice::Auto).unwrap();
     println!(
         "OCI runtime: {} {}",

@@ -74,6 +74,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "skiff-agent",
             "-p",
             "skiff-control",
+            "-p",
+            "skiff-shim",
             "--bins",
         ]);
         let status = build

@@ -269,7 +269,8 @@ pub fn run(args: &Args) -> Result<()> {
         "skiff-hollow-nodes",
     ]);
     if args.nodes > 0 {
-        // skiff-cri-log: the containers' log copier, found next to skiff-agent.
+        // skiff-cri-log (the containers' log copier) and containerd-shim-skiff-v1 (the
+        // containerd shim) are found next to skiff-agent.
         build.args([
             "-p",
             "skiff-agent",
@@ -277,6 +278,10 @@ pub fn run(args: &Args) -> Result<()> {
             "skiff-agent",
             "--bin",
             "skiff-cri-log",
+            "-p",
+            "skiff-shim",
+            "--bin",
+            "containerd-shim-skiff-v1",
         ]);
     }
     util::run_cmd("cargo build", &mut build)?;

@@ -19,7 +19,7 @@ use skiff_agent::{
     cni::PodNetworkMode,
     kubelet::{
         agent::{self, AgentConfig},
-        oci_runtime::{OciRuntime, OciRuntimeChoice},
+        oci_runtime::{OciRuntime, OciRuntimeChoice, SKIFF_SHIM_BIN, ShimChoice},
     },
     proxy::ProxyMode,
 };
@@ -91,6 +91,10 @@ struct Args {
     /// supports this host's cgroup layout, else runc), `crun` or `runc`.
     #[arg(long, value_enum, default_value_t = OciRuntimeChoice::Auto)]
     oci_runtime: OciRuntimeChoice,
+    /// The containerd shim: `runc` (containerd's runc v2 shim) or `skiff` (skiff's own,
+    /// `containerd-shim-skiff-v1` next to this binary; lighter per container).
+    #[arg(long, value_enum, default_value_t = ShimChoice::Skiff)]
+    container_shim: ShimChoice,
 }
 
 fn parse_log_size(s: &str) -> Result<u64, String> {
@@ -151,7 +155,21 @@ async fn agent_main() -> anyhow::Result<()> {
         Some(why) => tracing::info!("OCI runtime: runc ({why})"),
         None => tracing::info!("OCI runtime: {}", oci_runtime.binary.display()),
     }
-    cfg.oci_runtime = oci_runtime;
+    cfg.oci_runtime = match a.container_shim {
+        ShimChoice::Runc => oci_runtime,
+        ShimChoice::Skiff => {
+            let shim = skiff_agent::kubelet::cri_log::agent_exe()?.with_file_name(SKIFF_SHIM_BIN);
+            if !shim.is_file() {
+                anyhow::bail!(
+                    "--container-shim skiff: {} is missing (build it with `cargo build -p \
+                     skiff-shim`, install it next to skiff-agent)",
+                    shim.display()
+                );
+            }
+            tracing::info!("containerd shim: {}", shim.display());
+            oci_runtime.with_shim(shim)
+        }
+    };
     let node = cfg.node_name.clone();
     let run = agent::run(cfg, move || {
         use std::io::Write;

@@ -26,20 +26,37 @@ pub enum OciRuntimeChoice {
     Runc,
 }
 
-/// The OCI runtime binary the shim runs.
+/// The OCI runtime binary the shim runs, and which shim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OciRuntime {
     /// Binary name or path, as the shim's `BinaryName`.
     pub binary: PathBuf,
+    /// skiff's own shim (`containerd-shim-skiff-v1`, crate skiff-shim) by absolute path,
+    /// or None for containerd's runc v2 shim.
+    pub shim: Option<PathBuf>,
 }
 
 impl Default for OciRuntime {
-    /// runc, the shim's own default.
+    /// runc through containerd's runc shim.
     fn default() -> Self {
         OciRuntime {
             binary: PathBuf::from("runc"),
+            shim: None,
         }
     }
+}
+
+/// skiff's shim binary, installed next to skiff-agent.
+pub const SKIFF_SHIM_BIN: &str = "containerd-shim-skiff-v1";
+
+/// `--container-shim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ShimChoice {
+    /// containerd's runc v2 shim (`io.containerd.runc.v2`).
+    #[default]
+    Runc,
+    /// skiff's shim (`containerd-shim-skiff-v1` next to skiff-agent).
+    Skiff,
 }
 
 /// The runc v2 shim's options message (containerd runtime/v2/runc/options/oci.proto);
@@ -53,6 +70,21 @@ struct RuncShimOptions {
 const RUNC_SHIM_OPTIONS_TYPE: &str = "containerd.runc.v1.Options";
 
 impl OciRuntime {
+    /// The runtime name of the container record: the shim's path, or containerd's runc
+    /// v2 shim.
+    pub fn runtime_name(&self) -> String {
+        match &self.shim {
+            Some(path) => path.display().to_string(),
+            None => super::runtime::RUNTIME_NAME.to_string(),
+        }
+    }
+
+    /// Runs containers through skiff's shim at `path` (absolute).
+    pub fn with_shim(mut self, path: PathBuf) -> Self {
+        self.shim = Some(path);
+        self
+    }
+
     /// The container's runtime options for containerd; None for runc (the shim's default).
     pub fn shim_options(&self) -> Option<prost_types::Any> {
         if self.is_runc() {
@@ -99,7 +131,7 @@ fn crun_here() -> Result<OciRuntime, String> {
             controllers.join(" ")
         ));
     }
-    Ok(OciRuntime { binary })
+    Ok(OciRuntime { binary, shim: None })
 }
 
 /// In the hybrid layout (tmpfs at `root`, cgroup2 at `root`/unified): the cgroup2
@@ -135,6 +167,7 @@ mod tests {
         assert_eq!(OciRuntime::default().shim_options(), None);
         let crun = OciRuntime {
             binary: "/usr/bin/crun".into(),
+            shim: None,
         };
         let any = crun.shim_options().expect("options for crun");
         assert_eq!(any.type_url, "containerd.runc.v1.Options");

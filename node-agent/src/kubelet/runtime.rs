@@ -1205,7 +1205,7 @@ impl Runtime {
             labels: cfg.labels.clone(),
             image: image.name.clone(),
             runtime: Some(ContainerRuntime {
-                name: RUNTIME_NAME.into(),
+                name: self.oci_runtime.runtime_name(),
                 options: self.oci_runtime.shim_options(),
             }),
             spec: Some(prost_types::Any {
