@@ -22,7 +22,7 @@ use std::{
 
 use skiff_agent::kubelet::{
     containerd_process::{ContainerdProcess, unmount_under},
-    oci_runtime::{OciRuntime, OciRuntimeChoice},
+    oci_runtime::{OciRuntime, OciRuntimeChoice, SKIFF_SHIM_BIN},
     runtime::{
         ContainerConfig, ContainerState, PullPolicy, Runtime, RuntimeError, TaskIo, cgroup_dirs,
         remove_cgroup_tree,
@@ -82,8 +82,35 @@ async fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// Through skiff's shim (`--container-shim skiff`, the agent's default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_runtime_end_to_end() {
+async fn containerd_runtime_end_to_end_skiff_shim() {
+    containerd_runtime_end_to_end(true).await;
+}
+
+/// Through containerd's runc shim (`--container-shim runc`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_runtime_end_to_end_runc_shim() {
+    containerd_runtime_end_to_end(false).await;
+}
+
+/// skiff's shim, built next to this test's directory (target/<profile>/).
+fn skiff_shim() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let shim = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(SKIFF_SHIM_BIN);
+    assert!(
+        shim.is_file(),
+        "{} is missing: run `cargo build -p skiff-shim` (cargo test --workspace builds it)",
+        shim.display()
+    );
+    shim
+}
+
+async fn containerd_runtime_end_to_end(through_skiff_shim: bool) {
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "this test needs root (CI runs as root)"
@@ -100,7 +127,12 @@ async fn containerd_runtime_end_to_end() {
             "{bin} is missing: run `cargo xtask setup`"
         );
     }
-    let pid = std::process::id();
+    // Both variants run at once in this process: names carry the shim.
+    let pid = format!(
+        "{}{}",
+        std::process::id(),
+        if through_skiff_shim { "s" } else { "r" }
+    );
     let node = format!("t{pid}");
     let dir = PathBuf::from(format!("/tmp/skiff-crt-{pid}"));
     let _ = fs::remove_dir_all(&dir);
@@ -138,9 +170,10 @@ async fn containerd_runtime_end_to_end() {
         containerd.pid()
     );
     // The agent's default: crun where it works (`cargo xtask setup` makes it work here).
-    // Through containerd's runc shim (`--container-shim runc`); the agent's default,
-    // skiff's shim, runs every end-to-end test in tests/.
-    let (oci, why_runc) = OciRuntime::choose(OciRuntimeChoice::Auto).unwrap();
+    let (mut oci, why_runc) = OciRuntime::choose(OciRuntimeChoice::Auto).unwrap();
+    if through_skiff_shim {
+        oci = oci.with_shim(skiff_shim());
+    }
     println!(
         "OCI runtime: {} {}",
         oci.binary.display(),

@@ -300,7 +300,8 @@ impl Service {
 impl Container {
     fn set_exit(&mut self, exit: Exit) {
         self.exit = Some(exit);
-        let _ = self.exited.send(true);
+        // send_replace: stored even while no Wait is watching (send would drop it).
+        self.exited.send_replace(true);
     }
 }
 

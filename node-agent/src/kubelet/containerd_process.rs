@@ -215,8 +215,8 @@ impl ContainerdProcess {
             }
             runc_roots.push(Path::new("/run/containerd/runc").join(ns.file_name()));
         }
-        // containerd 1.6's runc shim writes no shim.pid: its shims are the processes started
-        // with `-address <this containerd's socket>`.
+        // containerd 1.6's runc shim (and skiff's) writes no shim.pid: its shims are the
+        // processes started with `-address <this containerd's socket>`.
         let shims = self.shim_pids();
         for pid in &shims {
             let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
@@ -242,11 +242,12 @@ impl ContainerdProcess {
                     return false;
                 };
                 let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                args.first()
-                    .is_some_and(|a0| a0.ends_with(b"containerd-shim-runc-v2"))
-                    && args
-                        .windows(2)
-                        .any(|w| w[0] == b"-address" && w[1] == socket)
+                args.first().is_some_and(|a0| {
+                    a0.ends_with(b"containerd-shim-runc-v2")
+                        || a0.ends_with(super::oci_runtime::SKIFF_SHIM_BIN.as_bytes())
+                }) && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-address" && w[1] == socket)
             })
             .map(nix::unistd::Pid::from_raw)
             .collect()
