@@ -13,7 +13,8 @@
 //! - [`runtime`]: containerd through its native API — pull (registry -> content store ->
 //!   image -> snapshots), containers with an OCI runtime spec, tasks through the runc
 //!   shim, status, stop, delete, list for adoption.
-//! - [`oci_runtime`]: which OCI runtime the shim runs (crun where it works, else runc).
+//! - [`oci_runtime`]: which shim (skiff's, crate skiff-shim, or containerd's runc shim)
+//!   and which OCI runtime it runs (crun where it works, else runc).
 //! - [`static_pods`]: pods from the files of `--manifest-dir`, with mirror pods in the API.
 //! - [`cri_log`]: container logs in the CRI layout and format (a log copier per
 //!   container, run by the shim), read back for containerLogs.

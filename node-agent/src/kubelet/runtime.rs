@@ -11,8 +11,9 @@
 //!
 //! Running: an OCI runtime spec (oci-spec) built from the image config and the container's
 //! settings, a writable snapshot on top of the image's chain ID, a container record, then a
-//! task through the runc v2 shim whose stdout/stderr go to a log file (`file://` IO).
-//! The shim runs crun or runc as the OCI runtime ([`super::oci_runtime`]).
+//! task through the shim (skiff's `containerd-shim-skiff-v1`, or containerd's runc v2
+//! shim) whose stdout/stderr go to the log copier (`binary://` IO). The shim runs crun or
+//! runc as the OCI runtime ([`super::oci_runtime`]).
 
 use std::{
     collections::HashMap,
