@@ -167,6 +167,20 @@ impl Container {
     }
 }
 
+impl Containers {
+    fn get(&self, id: &str) -> TtrpcResult<&Container> {
+        self.by_id
+            .get(id)
+            .ok_or_else(|| not_found(format!("container {id} not found")))
+    }
+
+    fn get_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.by_id
+            .get_mut(id)
+            .ok_or_else(|| not_found(format!("container {id} not found")))
+    }
+}
+
 const UNCLAIMED_KEPT: usize = 256;
 
 fn now() -> (i64, i32) {
@@ -341,10 +355,7 @@ impl Task for Service {
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         let oci = {
             let cs = self.inner.containers.lock().await;
-            let c = cs
-                .by_id
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not created", req.id)))?;
+            let c = cs.get(&req.id)?;
             if c.started {
                 return Err(failed(
                     ttrpc::Code::FAILED_PRECONDITION,
@@ -357,10 +368,7 @@ impl Task for Service {
             .await
             .map_err(|e| failed(ttrpc::Code::UNKNOWN, e))?;
         let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .by_id
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(format!("container {} was deleted", req.id)))?;
+        let c = cs.get_mut(&req.id)?;
         c.started = true;
         Ok(StartResponse {
             pid: c.pid,
@@ -370,10 +378,7 @@ impl Task for Service {
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         let cs = self.inner.containers.lock().await;
-        let c = cs
-            .by_id
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+        let c = cs.get(&req.id)?;
         Ok(StateResponse {
             id: req.id.clone(),
             bundle: c.oci.bundle.display().to_string(),
@@ -390,10 +395,7 @@ impl Task for Service {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let mut exited = {
             let cs = self.inner.containers.lock().await;
-            let c = cs
-                .by_id
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+            let c = cs.get(&req.id)?;
             c.exited.subscribe()
         };
         let _ = exited.wait_for(|e| *e).await;
@@ -413,10 +415,7 @@ impl Task for Service {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         let (oci, pid) = {
             let cs = self.inner.containers.lock().await;
-            let c = cs
-                .by_id
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+            let c = cs.get(&req.id)?;
             if c.exit.is_some() {
                 return Err(not_found("process already finished".into()));
             }
@@ -447,10 +446,7 @@ impl Task for Service {
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
         let oci = {
             let cs = self.inner.containers.lock().await;
-            let c = cs
-                .by_id
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {} not found", req.id)))?;
+            let c = cs.get(&req.id)?;
             if c.status() == Status::RUNNING {
                 return Err(failed(
                     ttrpc::Code::FAILED_PRECONDITION,
