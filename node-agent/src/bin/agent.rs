@@ -4,7 +4,7 @@
 //! `skiff-agent --node-name N --kubeconfig K --containerd-address SOCK [--root-dir DIR]
 //!  [--insecure-registry 127.0.0.1:PORT ...] [--node-ip IP] [--port 10250]
 //!  [--bind-address IP] [--manifest-dir DIR] [--pod-logs-dir /var/log/pods]
-//!  [--oci-runtime auto|crun|runc]` (as root).
+//!  [--container-shim skiff|runc] [--oci-runtime auto|crun|runc]` (as root).
 //! Serves the kubelet API (logs, exec) over HTTPS; runs the static pods of DIR, with
 //! mirror pods in the API. Prints "skiff-agent <node> ready" on stdout once the Node is
 //! registered. Container logs rotate by size (`--container-log-max-size 10Mi`,
@@ -87,7 +87,7 @@ struct Args {
     /// kubelet's containerLogMaxFiles.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
     container_log_max_files: u32,
-    /// The OCI runtime containerd's runc shim runs: `auto` (crun when it is installed and
+    /// The OCI runtime the shim runs: `auto` (crun when it is installed and
     /// supports this host's cgroup layout, else runc), `crun` or `runc`.
     #[arg(long, value_enum, default_value_t = OciRuntimeChoice::Auto)]
     oci_runtime: OciRuntimeChoice,

@@ -1,4 +1,6 @@
-//! Which OCI runtime binary containerd's runc v2 shim runs: crun where it works, else runc.
+//! Which containerd shim runs the containers — skiff's (`containerd-shim-skiff-v1`, crate
+//! skiff-shim; the default, `--container-shim`) or containerd's runc v2 shim — and which
+//! OCI runtime binary the shim runs: crun where it works, else runc (`--oci-runtime`).
 //!
 //! Why: most of a pod's start on a small node is CPU in processes outside the agent, and
 //! runc is the largest part of it (a Go binary run several times per container, and it
@@ -53,9 +55,9 @@ pub const SKIFF_SHIM_BIN: &str = "containerd-shim-skiff-v1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ShimChoice {
     /// containerd's runc v2 shim (`io.containerd.runc.v2`).
-    #[default]
     Runc,
     /// skiff's shim (`containerd-shim-skiff-v1` next to skiff-agent).
+    #[default]
     Skiff,
 }
 
