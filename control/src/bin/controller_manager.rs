@@ -41,6 +41,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    skiff_control::component::disable_transparent_huge_pages();
     component::init_logging();
     let args = Args::parse();
     let cfg = ControllerConfig {
