@@ -174,6 +174,16 @@ struct Worker {
     /// The pod's start slot ([`Kubelet::start_slots`]), held from the network setup to
     /// the containers' start (released while an image is pulled and after each sync).
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Where the current sync's time went (logged at debug when it started containers).
+    timing: SyncTiming,
+}
+
+/// Time spent in one sync, by step: where pod startup latency goes.
+#[derive(Default)]
+struct SyncTiming {
+    slot_wait: Duration,
+    containers_started: usize,
+    create_and_start: Duration,
 }
 
 /// Runs the worker of pod `uid` until the pod is deleted and cleaned up.
@@ -201,6 +211,7 @@ pub async fn run(k: Arc<Kubelet>, uid: String, mut rx: watch::Receiver<Option<Po
         net_released: false,
         next_wake: None,
         slot: None,
+        timing: SyncTiming::default(),
     };
     w.adopt().await;
     loop {
@@ -581,7 +592,9 @@ impl Worker {
     /// Waits for a start slot (FIFO) unless the pod holds one.
     async fn take_slot(&mut self) {
         if self.slot.is_none() {
+            let t = Instant::now();
             self.slot = self.k.start_slots.clone().acquire_owned().await.ok();
+            self.timing.slot_wait += t.elapsed();
         }
     }
 
@@ -605,6 +618,8 @@ impl Worker {
                 tracing::warn!(pod = %self.name(), "network teardown: {e}");
             }
         }
+        self.timing = SyncTiming::default();
+        let t_sync = Instant::now();
         if self.terminal.is_none() {
             match self.ensure_network().await {
                 Ok(()) => self.blocked = None,
@@ -638,7 +653,23 @@ impl Worker {
             self.slot = None;
             self.watch_running(&rt);
         }
+        let t_status = Instant::now();
         self.write_status().await;
+        if self.timing.containers_started > 0 {
+            let ms = |d: Duration| d.as_millis();
+            tracing::debug!(
+                pod = %self.name(),
+                "started {} container(s): sync {} ms = start slot wait {} ms + \
+                 create and start {} ms + status {} ms + other {} ms",
+                self.timing.containers_started,
+                ms(t_sync.elapsed()),
+                ms(self.timing.slot_wait),
+                ms(self.timing.create_and_start),
+                ms(t_status.elapsed()),
+                ms(t_status.duration_since(t_sync)
+                    .saturating_sub(self.timing.slot_wait + self.timing.create_and_start)),
+            );
+        }
     }
 
     async fn reconcile(&mut self, rt: &Runtime) {
@@ -848,7 +879,8 @@ impl Worker {
         }
         // Image.
         let policy = pull_policy(spec);
-        let present = matches!(rt.image(&image).await, Ok(Some(_)));
+        let local = rt.image(&image).await.ok().flatten();
+        let present = local.is_some();
         if policy == PullPolicy::Always || !present {
             // No start slot while pulling: other pods' starts do not wait for a registry.
             self.slot = None;
@@ -860,9 +892,12 @@ impl Worker {
             }
         }
         let t = Instant::now();
-        let pulled = self.ensure_image(rt, &image, policy).await;
+        let pulled = match local {
+            Some(info) if policy != PullPolicy::Always => Ok(info),
+            _ => self.ensure_image(rt, &image, policy).await,
+        };
         let c = self.ctrs.entry(name.clone()).or_default();
-        match pulled {
+        let info = match pulled {
             Ok(info) => {
                 c.pull_delay = Duration::ZERO;
                 c.pull_backoff_until = None;
@@ -883,6 +918,7 @@ impl Worker {
                         ),
                     );
                 }
+                info
             }
             Err(e) => {
                 let reason = match &e {
@@ -908,7 +944,7 @@ impl Worker {
                 self.event("Warning", "Failed", format!("Error: {reason}"));
                 return;
             }
-        }
+        };
         // Environment, volumes.
         let pod_ip = self
             .net
@@ -1031,7 +1067,9 @@ impl Worker {
         // All containers of the pod in one runc shim (as the CRI plugin does per sandbox).
         cfg.shim_group = Some(format!("skiff-pod-{}", self.uid));
         self.take_slot().await;
-        let r = rt.run_container(&cfg).await;
+        let t = Instant::now();
+        let r = rt.run_container_from(&cfg, &info).await;
+        self.timing.create_and_start += t.elapsed();
         let c = self.ctrs.entry(name.clone()).or_default();
         c.attempt = attempt;
         if restarting || r.is_err() {
@@ -1051,6 +1089,7 @@ impl Worker {
                 c.finished_at = None;
                 c.ran_since = Some(Instant::now());
                 c.observed = Observed::Running { pid };
+                self.timing.containers_started += 1;
                 c.waiting = None;
                 self.event("Normal", "Created", format!("Created container {name}"));
                 self.event("Normal", "Started", format!("Started container {name}"));
