@@ -23,6 +23,7 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -74,6 +75,13 @@ fn pod(name: &str, image: &str) -> Pod {
         },
     }))
     .expect("pod")
+}
+
+/// One pod's startup, split where the watch can see it: bound = spec.nodeName set.
+struct Phases {
+    create_to_running: Duration,
+    create_to_bound: Duration,
+    bound_to_running: Duration,
 }
 
 fn running(p: &Pod) -> bool {
@@ -191,19 +199,24 @@ fn main() {
         let client = Client::try_from(cfg).expect("kube client");
         let api: Api<Pod> = Api::namespaced(client, "default");
 
-        // Running times from a watch, by pod name.
+        // Running times from a watch, by pod name; bound times (nodeName set) beside them,
+        // to split the latency between the control plane and the agent.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+        let bound_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let w = api.clone();
+        let bound = bound_at.clone();
         let watch = tokio::spawn(async move {
             let mut s = watcher(w, watcher::Config::default().labels(LABEL))
                 .default_backoff()
                 .applied_objects()
                 .boxed();
             while let Some(ev) = s.next().await {
-                if let Ok(p) = ev
-                    && running(&p)
-                    && tx.send((p.name_any(), Instant::now())).is_err()
-                {
+                let Ok(p) = ev else { continue };
+                if p.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+                    let mut b = bound.lock().unwrap();
+                    b.entry(p.name_any()).or_insert_with(Instant::now);
+                }
+                if running(&p) && tx.send((p.name_any(), Instant::now())).is_err() {
                     return;
                 }
             }
@@ -244,23 +257,44 @@ fn main() {
             .await
             .into_iter()
             .collect();
-        let mut lat: HashMap<String, Duration> = HashMap::new();
+        let mut running_at: HashMap<String, Instant> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(300);
-        while lat.len() < n {
+        while running_at.len() < n {
             let Ok(Some((name, at))) = tokio::time::timeout_at(deadline.into(), rx.recv()).await
             else {
-                panic!("only {} of {n} pods Running within 300 s", lat.len());
+                panic!("only {} of {n} pods Running within 300 s", running_at.len());
             };
-            if let Some(t0) = started.get(&name) {
-                lat.entry(name).or_insert(at.saturating_duration_since(*t0));
+            if started.contains_key(&name) {
+                running_at.entry(name).or_insert(at);
             }
         }
         watch.abort();
         delete_all(&api).await;
-        (warm, lat.into_values().collect::<Vec<_>>())
+        let bound = bound_at.lock().unwrap();
+        let phases = running_at
+            .iter()
+            .map(|(name, running)| {
+                let created = started[name];
+                // A pod seen Running in its first event was bound no later than that.
+                let bound = bound.get(name).copied().unwrap_or(*running);
+                Phases {
+                    create_to_running: running.saturating_duration_since(created),
+                    create_to_bound: bound.saturating_duration_since(created),
+                    bound_to_running: running.saturating_duration_since(bound),
+                }
+            })
+            .collect::<Vec<_>>();
+        (warm, phases)
     });
-    let (warm, mut lat) = result;
-    lat.sort();
+    let (warm, phases) = result;
+    let sorted = |f: fn(&Phases) -> Duration| {
+        let mut v: Vec<Duration> = phases.iter().map(f).collect();
+        v.sort();
+        v
+    };
+    let lat = sorted(|p| p.create_to_running);
+    let to_bound = sorted(|p| p.create_to_bound);
+    let to_running = sorted(|p| p.bound_to_running);
     // The agent removes the containers after the pods are gone from the API: idle 5 s.
     std::thread::sleep(Duration::from_secs(5));
     let rss = vm_rss_kib(agent_pid);
@@ -276,6 +310,16 @@ fn main() {
     println!("| p50 create -> Running | {} |", ms(p50));
     println!("| p99 create -> Running | {} |", ms(pct(&lat, 99)));
     println!("| max create -> Running | {} |", ms(*lat.last().unwrap()));
+    println!(
+        "| p50 / p99 create -> bound (control plane) | {} / {} |",
+        ms(pct(&to_bound, 50)),
+        ms(pct(&to_bound, 99))
+    );
+    println!(
+        "| p50 / p99 bound -> Running (agent) | {} / {} |",
+        ms(pct(&to_running, 50)),
+        ms(pct(&to_running, 99))
+    );
     println!(
         "| agent idle RSS (VmRSS) | {} |",
         rss.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
