@@ -176,3 +176,17 @@ impl Leading {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transparent_huge_pages_are_off_after_the_call() {
+        super::disable_transparent_huge_pages();
+        // SAFETY: PR_GET_THP_DISABLE takes no pointers; it returns the flag.
+        let flag = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(
+            flag, 1,
+            "PR_GET_THP_DISABLE after disable_transparent_huge_pages"
+        );
+    }
+}

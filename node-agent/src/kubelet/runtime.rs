@@ -1182,19 +1182,14 @@ impl Runtime {
     // ---------------------------------------------------------------- containers
 
     /// Creates the container: container record with the OCI spec, writable snapshot on the
-    /// image's chain ID (key = id), task through the runc shim (not started). Returns the
+    /// image's chain ID (key = id), task through the shim (not started). Returns the
     /// task's pid. On failure, what was created is removed again.
     ///
     /// No lease: the container record is written first and names its snapshot key, which
     /// keeps the snapshot from containerd's garbage collector from the moment it exists
     /// (a lease would cost two more metadata transactions and, on delete, a collection).
-    pub async fn create_container(&self, cfg: &ContainerConfig) -> Result<u32> {
-        let image = self.local_image(&cfg.image).await?;
-        self.create_container_from(cfg, &image).await
-    }
-
-    /// [`Runtime::create_container`] from `image`, already looked up (one lookup less per
-    /// container start: the pod worker has it from the pull policy check).
+    /// `image` is the local image of `cfg.image`, already looked up (the pod worker has it
+    /// from its pull policy check).
     pub async fn create_container_from(
         &self,
         cfg: &ContainerConfig,
@@ -1325,13 +1320,14 @@ impl Runtime {
         Ok(r.into_inner().pid)
     }
 
-    /// [`Runtime::create_container`] then [`Runtime::start`]; a failed start deletes it.
+    /// Creates (as [`Runtime::create_container_from`]) and starts the container of `cfg`
+    /// from its local image; a failed start deletes it.
     pub async fn run_container(&self, cfg: &ContainerConfig) -> Result<u32> {
         let image = self.local_image(&cfg.image).await?;
         self.run_container_from(cfg, &image).await
     }
 
-    /// [`Runtime::run_container`] from `image`, already looked up.
+    /// [`Runtime::run_container`] with `image` already looked up.
     pub async fn run_container_from(
         &self,
         cfg: &ContainerConfig,
